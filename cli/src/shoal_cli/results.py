@@ -1,0 +1,53 @@
+"""``shoal get``: fetch every published result of a job and lay it out like the reference system.
+
+Merged layout (default): ``job-<id8>/`` (id8: the id's last 8 hex digits) with ``stdout``,
+``stderr``, ``exitCode`` of the first execution and every output volume merged across
+executions. ``--raw``: one folder per execution under ``job-<id8>/raw/<node>-<cid8>/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from shoal_cli.output import progress_bar
+from shoal_client.client import ShoalClient, ShoalClientError, short_id
+
+
+def download_results(
+    client: ShoalClient, job_id: str, output_dir: Path, *, raw: bool, console: Console
+) -> Path:
+    state = client.state(job_id)
+    results = client.results(state.job_id)
+    if not results:
+        raise ShoalClientError(
+            0, f"job {job_id} has no published results yet (state: {state.state.value})"
+        )
+    target = output_dir / f"job-{short_id(state.job_id)}"
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        fetched: list[tuple[str, Path]] = []
+        for result in results:
+            data = result.get("Data") or {}
+            cid = data.get("CID")
+            if not cid:
+                continue
+            node = str(result.get("NodeID", "node"))
+            dest = Path(tmp) / f"{node}-{cid[:8]}"
+            with progress_bar(console, f"Fetching {cid[:12]}… from {node}") as update:
+                client.download(cid, dest, progress=update)
+            fetched.append((node, dest))
+        if raw:
+            for _, folder in fetched:
+                shutil.copytree(folder, target / "raw" / folder.name, dirs_exist_ok=True)
+        else:
+            for i, (_, folder) in enumerate(fetched):
+                for entry in sorted(folder.iterdir()):
+                    if entry.is_dir():
+                        shutil.copytree(entry, target / entry.name, dirs_exist_ok=True)
+                    elif i == 0:
+                        shutil.copy2(entry, target / entry.name)
+    return target

@@ -1,0 +1,370 @@
+"""A typed HTTP client for a Shoal requester (what the ``shoal`` CLI uses).
+
+It speaks the same legacy endpoints as Bacalhau's SDK (signed submit/cancel/logs), plus Shoal's
+own endpoints for job details, nodes, content upload/download and the event stream.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from shoal_common.cid import FileCidBuilder, cid_of_path
+from shoal_common.signing import ClientKey, sign_envelope
+from shoal_common.spec import (
+    API_VERSION,
+    Job,
+    JobHistory,
+    JobState,
+    JobStateType,
+    Spec,
+    StorageSpec,
+    to_wire,
+)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1234
+
+Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
+
+
+class ShoalClientError(Exception):
+    """The requester refused a request; ``status`` is the HTTP status, ``message`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status})" if status else message)
+        self.status = status
+        self.message = message
+
+
+def shoal_dir() -> Path:
+    return Path(os.environ.get("SHOAL_DIR") or Path.home() / ".shoal")
+
+
+def api_base_url(host: str | None = None, port: int | None = None) -> str:
+    host = host or os.environ.get("SHOAL_API_HOST") or DEFAULT_HOST
+    port = port or int(os.environ.get("SHOAL_API_PORT") or DEFAULT_PORT)
+    scheme = "https" if os.environ.get("SHOAL_HTTPS") else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+@dataclass
+class JobDetails:
+    job: Job
+    state: JobState
+    history: list[JobHistory]
+
+
+class ShoalClient:
+    """Synchronous client; one instance per requester. Thread-safe like ``httpx.Client``."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        key: ClientKey | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.base_url = (base_url or api_base_url()).rstrip("/")
+        self._key = key
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    @property
+    def key(self) -> ClientKey:
+        if self._key is None:
+            self._key = ClientKey.load_or_create(shoal_dir())
+        return self._key
+
+    @property
+    def client_id(self) -> str:
+        return self.key.client_id
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ShoalClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _unreachable(self, exc: Exception) -> ShoalClientError:
+        return ShoalClientError(0, f"cannot reach the requester at {self.base_url}: {exc}")
+
+    def _check(self, resp: httpx.Response) -> httpx.Response:
+        if resp.is_success:
+            return resp
+        raise ShoalClientError(resp.status_code, _error_text(resp))
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            resp = self._http.post(path, content=orjson.dumps(body), headers=_JSON)
+        except httpx.HTTPError as exc:
+            raise ShoalClientError(
+                0, f"cannot reach the requester at {self.base_url}: {exc}"
+            ) from exc
+        return self._check(resp).json()
+
+    def _post_signed(self, path: str, payload: dict[str, Any]) -> Any:
+        body = sign_envelope(self.key, payload)
+        try:
+            resp = self._http.post(path, content=body, headers=_JSON)
+        except httpx.HTTPError as exc:
+            raise ShoalClientError(
+                0, f"cannot reach the requester at {self.base_url}: {exc}"
+            ) from exc
+        return self._check(resp).json()
+
+    def _get(self, path: str, **params: Any) -> Any:
+        try:
+            resp = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
+        except httpx.HTTPError as exc:
+            raise ShoalClientError(
+                0, f"cannot reach the requester at {self.base_url}: {exc}"
+            ) from exc
+        return self._check(resp).json()
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, spec: Spec) -> Job:
+        """Submit a job; returns it with its id. The request is signed with the client key."""
+        payload = {
+            "APIVersion": API_VERSION,
+            "ClientID": self.client_id,
+            # A replayed signed submit returns the original job (replay protection), and RSA
+            # PKCS#1 v1.5 signatures are deterministic: a fresh nonce makes each call a new job.
+            "Nonce": uuid.uuid4().hex,
+            "Spec": to_wire(spec),
+        }
+        answer = self._post_signed("/requester/submit", payload)
+        return Job.model_validate(answer["job"])
+
+    def state(self, job_id: str) -> JobState:
+        answer = self._post("/requester/states", {"client_id": self.client_id, "job_id": job_id})
+        return JobState.model_validate(answer["state"])
+
+    def events(self, job_id: str) -> list[JobHistory]:
+        answer = self._post("/requester/events", {"client_id": self.client_id, "job_id": job_id})
+        return [JobHistory.model_validate(e) for e in answer.get("events") or []]
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        answer = self._post("/requester/results", {"client_id": self.client_id, "job_id": job_id})
+        results: list[dict[str, Any]] = answer.get("results") or []
+        return results
+
+    def list_jobs(
+        self,
+        *,
+        limit: int = 10,
+        return_all: bool = False,
+        include_tags: list[str] | None = None,
+        exclude_tags: list[str] | None = None,
+        newest_first: bool = True,
+        job_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        body: dict[str, Any] = {
+            "client_id": self.client_id,
+            "include_tags": include_tags or [],
+            "exclude_tags": exclude_tags or [],
+            "max_jobs": limit,
+            "return_all": return_all,
+            "sort_by": "created_at",
+            "sort_reverse": newest_first,
+        }
+        if job_id:
+            body["id"] = job_id
+        jobs: list[dict[str, Any]] = self._post("/requester/list", body).get("jobs") or []
+        return jobs
+
+    def describe(self, job_id: str) -> JobDetails:
+        answer = self._get(f"/api/v1/jobs/{job_id}")
+        return JobDetails(
+            job=Job.model_validate(answer["Job"]),
+            state=JobState.model_validate(answer["State"]),
+            history=[JobHistory.model_validate(h) for h in answer.get("History") or []],
+        )
+
+    def cancel(self, job_id: str, reason: str = "cancelled by the user") -> JobState:
+        payload = {"ClientID": self.client_id, "JobID": job_id, "Reason": reason}
+        return JobState.model_validate(self._post_signed("/requester/cancel", payload)["state"])
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_change: Callable[[JobState], None] | None = None,
+    ) -> JobState:
+        """Poll until the job is terminal (short intervals first: most jobs are quick)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay, last = 0.005, None
+        while True:
+            state = self.state(job_id)
+            if on_change and (last is None or state.version != last.version):
+                on_change(state)
+            last = state
+            if state.state.terminal:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise ShoalClientError(0, f"job {job_id} still {state.state} after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def logs(self, job_id: str, execution_id: str = "", *, follow: bool = False) -> Iterator[str]:
+        """stdout/stderr of a job's execution (the first if none given), optionally live."""
+        payload = {
+            "ClientID": self.client_id,
+            "ExecutionID": execution_id,
+            "Follow": follow,
+            "JobID": job_id,
+            "WithHistory": True,
+        }
+        body = sign_envelope(self.key, payload)
+        timeout = httpx.Timeout(30.0, read=None) if follow else None
+        with self._http.stream(
+            "POST", "/requester/logs", content=body, headers=_JSON, timeout=timeout
+        ) as resp:
+            if not resp.is_success:
+                resp.read()
+                raise ShoalClientError(resp.status_code, _error_text(resp))
+            yield from resp.iter_text()
+
+    # --- nodes -----------------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self._get("/api/v1/nodes")
+        return nodes
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        node: dict[str, Any] = self._get(f"/api/v1/nodes/{node_id}")
+        return node
+
+    def version(self) -> dict[str, Any]:
+        info: dict[str, Any] = self._get("/version")
+        return info
+
+    # --- content ---------------------------------------------------------------------------------
+
+    def put(self, path: Path, *, progress: Progress | None = None) -> str:
+        """Upload a file or directory to the content store; returns its CID (checked locally)."""
+        path = Path(path)
+        expected = cid_of_path(path)
+        with tempfile.TemporaryFile() as spool:
+            if path.is_dir():
+                with tarfile.open(fileobj=spool, mode="w") as tar:
+                    for child in sorted(path.iterdir()):
+                        tar.add(child, arcname=child.name)
+                params = {"kind": "directory"}
+            else:
+                with path.open("rb") as src:
+                    while chunk := src.read(1 << 20):
+                        spool.write(chunk)
+                params = {"kind": "file", "filename": path.name}
+            total = spool.tell()
+            spool.seek(0)
+            resp = self._http.post(
+                "/api/v1/content",
+                params=params,
+                content=_read_with_progress(spool, total, progress),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(total)},
+                timeout=httpx.Timeout(30.0, write=None, read=None),
+            )
+        cid: str = self._check(resp).json()["cid"]
+        if cid != expected:
+            raise ShoalClientError(0, f"the store answered CID {cid}, but the data is {expected}")
+        return cid
+
+    def download(self, cid: str, dest: Path, *, progress: Progress | None = None) -> Path:
+        """Fetch content by CID into ``dest`` (a file, or a folder for a directory), CID-checked."""
+        with self._http.stream(
+            "GET", f"/api/v1/content/{cid}", timeout=httpx.Timeout(30.0, read=None)
+        ) as resp:
+            if not resp.is_success:
+                resp.read()
+                raise ShoalClientError(resp.status_code, _error_text(resp))
+            total = (
+                int(resp.headers["Content-Length"]) if "Content-Length" in resp.headers else None
+            )
+            kind = resp.headers.get("X-Shoal-Kind", "file")
+            done = 0
+            if kind == "directory":
+                from shoal_common.content_store import safe_extract_tar
+
+                dest.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile() as spool:
+                    for chunk in resp.iter_bytes(1 << 20):
+                        spool.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+                    spool.seek(0)
+                    safe_extract_tar(spool, dest)
+                got = cid_of_path(dest)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                builder = FileCidBuilder()
+                with dest.open("wb") as out:
+                    for chunk in resp.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        builder.update(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+                got = builder.finish()
+        if got != cid:
+            raise ShoalClientError(0, f"downloaded data has CID {got}, expected {cid}: corrupted")
+        return dest
+
+
+_JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def _read_with_progress(
+    src: io.BufferedIOBase | Any, total: int, progress: Progress | None
+) -> Iterator[bytes]:
+    done = 0
+    while chunk := src.read(1 << 20):
+        done += len(chunk)
+        if progress:
+            progress(done, total)
+        yield chunk
+
+
+def _error_text(resp: httpx.Response) -> str:
+    """The server's own words: problem+json detail, legacy {"error"}, or the body text."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text.strip() or resp.reason_phrase
+    if isinstance(body, dict):
+        for key in ("detail", "error", "message"):
+            if body.get(key):
+                return str(body[key])
+    return resp.text.strip()
+
+
+def short_id(job_id: str) -> str:
+    """Eight characters that tell jobs apart: the random end of the time-ordered id (its start
+    is a timestamp, shared by every job of the same minute)."""
+    return job_id.replace("-", "")[-8:]
+
+
+def is_terminal(state: JobStateType) -> bool:
+    return state.terminal
+
+
+def storage_for_results(results: list[dict[str, Any]]) -> list[StorageSpec]:
+    return [StorageSpec.model_validate(r.get("Data") or {}) for r in results]

@@ -1,0 +1,273 @@
+"""Datastore plumbing shared by every service: engines, migrations, the transactional outbox.
+
+Each service owns its tables and its Alembic migrations; this module only knows how to open a
+database (SQLite embedded, Postgres in production) durably, run a service's migrations, and relay
+events that were committed in the same transaction as the state change they describe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from shoal_common import telemetry
+from shoal_common.events import Envelope, Event
+
+log = structlog.get_logger(__name__)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_metadata() -> MetaData:
+    return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def normalise_url(url: str) -> str:
+    """Accept plain ``postgresql://`` / ``sqlite:///`` URLs and pick the async driver."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + url[len("postgresql://") :]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(normalise_url(url)).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine tuned for durability: a committed transaction is on disk."""
+    url = normalise_url(url)
+    if is_sqlite(url):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL + synchronous=FULL: every commit is fsynced, so a 2xx survives kill -9 and
+            # power loss; WAL keeps readers from blocking the single writer.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def run_migrations(url: str, script_location: Path, *, revision: str = "head") -> None:
+    """Upgrade a service's database to ``revision`` (sync; call via ``asyncio.to_thread``)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    command.upgrade(cfg, revision)
+
+
+def run_alembic_env(target_metadata: MetaData) -> None:
+    """The body of every service's ``migrations/env.py`` (online mode, async engine)."""
+    from alembic import context
+
+    config = context.config
+    url = config.get_main_option("sqlalchemy.url") or ""
+
+    def do_run(connection: Connection) -> None:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=is_sqlite(url),  # SQLite can only ALTER via table copies
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    existing = config.attributes.get("connection")
+    if existing is not None:
+        do_run(existing)
+        return
+
+    async def run_async() -> None:
+        engine = create_engine(url)
+        async with engine.connect() as conn:
+            await conn.run_sync(do_run)
+        await engine.dispose()
+
+    asyncio.run(run_async())
+
+
+# --- outbox --------------------------------------------------------------------------------------
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    """Events waiting to be relayed; written in the same transaction as the state change."""
+    return Table(
+        "outbox",
+        metadata,
+        Column(
+            "seq",
+            BigInteger().with_variant(Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        Column("event_id", String(64), nullable=False, unique=True),
+        Column("envelope", LargeBinary, nullable=False),
+        Column("created", Float, nullable=False),
+    )
+
+
+async def add_to_outbox(conn: AsyncConnection, outbox: Table, *events: Event) -> list[Envelope]:
+    """Stage events inside the caller's transaction; the relay publishes them after commit."""
+    envelopes = [Envelope.wrap(e) for e in events]
+    if envelopes:
+        now = time.time()
+        await conn.execute(
+            insert(outbox),
+            [{"event_id": e.id, "envelope": e.to_bytes(), "created": now} for e in envelopes],
+        )
+    return envelopes
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows to the bus, then deletes them.
+
+    Wake it with :meth:`notify` right after a commit for low latency; it also polls, so events
+    committed just before a crash go out on the next start. Publishing is at-least-once; the
+    envelope id makes duplicates harmless downstream.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        outbox: Table,
+        publish: Callable[[Envelope], Awaitable[None]],
+        *,
+        service: str,
+        poll_interval: float = 1.0,
+        batch: int = 500,
+    ) -> None:
+        self._engine = engine
+        self._outbox = outbox
+        self._publish = publish
+        self._service = service
+        self._poll_interval = poll_interval
+        self._batch = batch
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._service}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # Python 3.11's wait_for drops a cancel that races the wake-up (a notify()
+                # just before stop()); without this the relay would never stop.
+                raise asyncio.CancelledError
+            self._wake.clear()
+            try:
+                while await self.relay_once() >= self._batch:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox_relay_failed", service=self._service, error=repr(exc))
+                await asyncio.sleep(0.5)
+
+    async def relay_once(self) -> int:
+        """Publish up to one batch; returns how many rows were relayed."""
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(self._outbox.c.seq, self._outbox.c.envelope, self._outbox.c.created)
+                    .order_by(self._outbox.c.seq)
+                    .limit(self._batch)
+                )
+            ).all()
+        if not rows:
+            return 0
+        envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
+        await asyncio.gather(*(self._publish(e) for e in envelopes))
+        now = time.time()
+        for r in rows:
+            telemetry.OUTBOX_LAG.labels(service=self._service).observe(max(0.0, now - r.created))
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(self._outbox).where(self._outbox.c.seq.in_([r.seq for r in rows]))
+            )
+        return len(rows)
+
+
+# --- consumer de-duplication ---------------------------------------------------------------------
+
+
+def processed_events_table(metadata: MetaData) -> Table:
+    """Ids of events a consumer has applied, so redeliveries change nothing."""
+    return Table(
+        "processed_events",
+        metadata,
+        Column("event_id", String(64), primary_key=True),
+        Column("processed", Float, nullable=False),
+    )
+
+
+async def mark_processed(conn: AsyncConnection, table: Table, event_id: str) -> bool:
+    """Record ``event_id`` in the caller's transaction; False if it was already applied."""
+    seen = (
+        await conn.execute(select(table.c.event_id).where(table.c.event_id == event_id))
+    ).first()
+    if seen is not None:
+        return False
+    await conn.execute(insert(table).values(event_id=event_id, processed=time.time()))
+    return True

@@ -1,0 +1,251 @@
+"""Lifecycle events and the envelope they travel in.
+
+Events are facts in the past tense. Each is published to JetStream inside an :class:`Envelope`
+whose ``id`` doubles as the ``Nats-Msg-Id`` (JetStream drops duplicates within its window), and
+consumers also de-duplicate on it, so a relay that re-sends after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from typing import Any, ClassVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal_common import tracing
+from shoal_common.spec import Deal, PublisherSpec, RunOutput, StorageSpec, VerifierType, utcnow
+from shoal_common.subjects import Producer, event
+
+
+def new_id() -> str:
+    """Time-ordered unique id (UUIDv7 layout), so ids sort by creation."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62)
+    value |= rand & ((1 << 62) - 1)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class Event(BaseModel):
+    """Base of every lifecycle event. Consumers ignore fields they do not know."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: ClassVar[str]
+    producer: ClassVar[Producer]
+    version: ClassVar[int] = 1
+
+    job_id: str
+
+    @classmethod
+    def subject(cls) -> str:
+        return event(cls.producer, cls.type)
+
+
+class Envelope(BaseModel):
+    """Wire wrapper: id, type, version, time, producer, trace context, payload."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(default_factory=new_id)
+    type: str
+    version: int = 1
+    time: datetime = Field(default_factory=utcnow)
+    producer: str
+    trace: dict[str, str] = Field(default_factory=dict)
+    data: dict[str, Any]
+
+    @classmethod
+    def wrap(cls, evt: Event, *, trace: dict[str, str] | None = None) -> Envelope:
+        return cls(
+            type=evt.type,
+            version=evt.version,
+            producer=evt.producer.value,
+            trace=trace if trace is not None else tracing.inject({}),
+            data=evt.model_dump(mode="json"),
+        )
+
+    @property
+    def subject(self) -> str:
+        return event(Producer(self.producer), self.type)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Envelope:
+        return cls.model_validate(orjson.loads(raw))
+
+    def parse(self) -> Event:
+        """The typed event; raises KeyError for a type this build does not know."""
+        return EVENT_TYPES[self.type].model_validate(self.data)
+
+
+# --- compute -> verifier, requester --------------------------------------------------------------
+
+
+class ResultProposed(Event):
+    """A compute node finished a run and proposes its result for verification."""
+
+    type: ClassVar[str] = "result_proposed"
+    producer: ClassVar[Producer] = Producer.COMPUTE
+
+    execution_id: str
+    node_id: str
+    result_cid: str
+    run_output: RunOutput
+    verifier: VerifierType = VerifierType.NOOP
+    deal: Deal = Field(default_factory=Deal)
+    publisher: PublisherSpec = Field(default_factory=PublisherSpec)
+    # Where the publisher can fetch the results folder from (the node's content endpoint).
+    result_url: str | None = None
+    # Deterministic jobs: the result sealed to the verifier (shoal_common.commitments, ADR 0004);
+    # result_cid, run_output, result_url and size are then blank until the verifier decides.
+    commitment: str | None = None
+    size: int = 0
+
+
+class ExecutionFailed(Event):
+    """A compute node could not produce a result (bad input, sandbox error, timeout)."""
+
+    type: ClassVar[str] = "execution_failed"
+    producer: ClassVar[Producer] = Producer.COMPUTE
+
+    execution_id: str
+    node_id: str
+    error: str
+    run_output: RunOutput | None = None
+    retryable: bool = True
+    timed_out: bool = False
+    # What the run wrote before it failed (a timeout kills a run part-way), content-addressed
+    # and served by the node like a proposed result, so it can still be published/downloaded.
+    result_cid: str | None = None
+    result_url: str | None = None
+    size: int = 0
+
+
+class BidAnswered(Event):
+    """A late bid answer: the node held the ask (approval policy "wait") and now decides."""
+
+    type: ClassVar[str] = "bid_answered"
+    producer: ClassVar[Producer] = Producer.COMPUTE
+
+    execution_id: str
+    node_id: str
+    accepted: bool
+    reason: str = ""
+
+
+class ExecutionCancelled(Event):
+    type: ClassVar[str] = "execution_cancelled"
+    producer: ClassVar[Producer] = Producer.COMPUTE
+
+    execution_id: str
+    node_id: str
+    reason: str = ""
+
+
+# --- verifier -> publisher, requester, compute ---------------------------------------------------
+
+
+class ResultAccepted(Event):
+    type: ClassVar[str] = "result_accepted"
+    producer: ClassVar[Producer] = Producer.VERIFIER
+
+    execution_id: str
+    node_id: str
+    result_cid: str
+    publisher: PublisherSpec = Field(default_factory=PublisherSpec)
+    result_url: str | None = None
+    # The run output of a sealed proposal, revealed once the verifier has decided.
+    run_output: RunOutput | None = None
+
+
+class ResultRejected(Event):
+    type: ClassVar[str] = "result_rejected"
+    producer: ClassVar[Producer] = Producer.VERIFIER
+
+    execution_id: str
+    node_id: str
+    result_cid: str
+    reason: str
+    run_output: RunOutput | None = None
+
+
+class VerificationEscalated(Event):
+    """Proposals disagreed without a winner: the requester should run ``additional`` more."""
+
+    type: ClassVar[str] = "verification_escalated"
+    producer: ClassVar[Producer] = Producer.VERIFIER
+
+    additional: int
+    reason: str
+
+
+class VerificationFailed(Event):
+    """No result reached the confidence needed, and escalation is exhausted."""
+
+    type: ClassVar[str] = "verification_failed"
+    producer: ClassVar[Producer] = Producer.VERIFIER
+
+    reason: str
+
+
+# --- publisher -> requester ----------------------------------------------------------------------
+
+
+class ResultPublished(Event):
+    type: ClassVar[str] = "result_published"
+    producer: ClassVar[Producer] = Producer.PUBLISHER
+
+    execution_id: str
+    node_id: str
+    result: StorageSpec
+
+
+class PublishFailed(Event):
+    type: ClassVar[str] = "publish_failed"
+    producer: ClassVar[Producer] = Producer.PUBLISHER
+
+    execution_id: str
+    node_id: str
+    error: str
+
+
+# --- requester -> verifier -----------------------------------------------------------------------
+
+
+class ExecutionsPlanned(Event):
+    """The requester placed (more) executions of a job; the verifier learns how many to expect."""
+
+    type: ClassVar[str] = "executions_planned"
+    producer: ClassVar[Producer] = Producer.REQUESTER
+
+    expected: int
+    verifier: VerifierType
+    deal: Deal
+    # execution id -> node id of every execution placed for verification so far (latest wins).
+    # When set, the verifier counts only proposals of these executions from these nodes.
+    executions: dict[str, str] = Field(default_factory=dict)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (
+        ResultProposed,
+        ExecutionFailed,
+        ExecutionCancelled,
+        BidAnswered,
+        ResultAccepted,
+        ResultRejected,
+        VerificationEscalated,
+        VerificationFailed,
+        ResultPublished,
+        PublishFailed,
+        ExecutionsPlanned,
+    )
+}

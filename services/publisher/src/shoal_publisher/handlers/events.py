@@ -1,0 +1,26 @@
+"""Consumer of ``ResultAccepted`` (verifier stream, durable ``publisher``).
+
+Returning acks; :class:`~shoal_common.bus.Poison` drops an unreadable message; any other
+exception (a database hiccup) makes the bus redeliver it, which is safe: publishing is
+idempotent on the envelope id and on the execution.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from shoal_common.bus import EventHandler, Poison
+from shoal_common.events import Envelope, ResultAccepted
+from shoal_publisher.publishing import Publishing
+
+
+def accepted_handler(publishing: Publishing) -> EventHandler:
+    async def handle(envelope: Envelope) -> None:
+        try:
+            evt = envelope.parse()
+        except (KeyError, ValidationError) as exc:
+            raise Poison(f"cannot read {envelope.type} event {envelope.id}: {exc}") from exc
+        if isinstance(evt, ResultAccepted):
+            await publishing.on_accepted(envelope.id, evt)
+
+    return handle

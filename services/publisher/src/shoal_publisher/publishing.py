@@ -1,0 +1,161 @@
+"""Handles ``ResultAccepted``: publish the result, record the outcome, emit the event.
+
+The slow part (fetching and storing) runs outside any transaction; the outcome, the
+processed-event mark and the ``ResultPublished``/``PublishFailed`` event commit together.
+A redelivery after a crash publishes again, which is harmless: content addressing makes
+every publisher idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from shoal_common.events import PublishFailed, ResultAccepted, ResultPublished
+from shoal_common.spec import PublisherType, StorageSpec
+from shoal_publisher import metrics
+from shoal_publisher.domain.models import (
+    Publication,
+    PublicationStatus,
+    PublishError,
+    PublishRequest,
+    TransientPublishError,
+)
+from shoal_publisher.domain.publishers import Publisher
+from shoal_publisher.store.base import PublisherStore
+
+log = structlog.get_logger(__name__)
+
+
+class Publishing:
+    """Turns accepted results into publications."""
+
+    def __init__(
+        self,
+        store: PublisherStore,
+        publishers: dict[PublisherType, Publisher],
+        *,
+        attempts: int = 3,
+        retry_delay: float = 0.5,
+        concurrency: int = 8,
+        on_commit: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._publishers = publishers
+        self._attempts = attempts
+        self._retry_delay = retry_delay
+        self._slots = asyncio.Semaphore(concurrency)
+        self._on_commit = on_commit
+        self._clock = clock
+        self._busy: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def on_accepted(self, event_id: str, evt: ResultAccepted) -> None:
+        """Publish one accepted result (idempotent on ``event_id`` and on the execution)."""
+        if await self._store.is_processed(event_id):
+            return
+        # One publish per execution at a time (a redelivery racing the first delivery waits,
+        # then finds the publication); the lock is dropped when nobody holds or awaits it.
+        key = evt.execution_id
+        lock, users = self._busy.get(key, (asyncio.Lock(), 0))
+        self._busy[key] = (lock, users + 1)
+        try:
+            async with lock, self._slots:
+                await self._publish(event_id, evt)
+        finally:
+            lock, users = self._busy[key]
+            if users <= 1:
+                del self._busy[key]
+            else:
+                self._busy[key] = (lock, users - 1)
+
+    async def _publish(self, event_id: str, evt: ResultAccepted) -> None:
+        if await self._store.find_publication(evt.execution_id) is not None:
+            # Published (or failed) already under another envelope: just remember this one.
+            async with self._store.transaction() as tx:
+                await tx.mark_processed(event_id)
+            return
+        kind = evt.publisher.type or PublisherType.LOCAL
+        request = PublishRequest(
+            job_id=evt.job_id,
+            execution_id=evt.execution_id,
+            node_id=evt.node_id,
+            result_cid=evt.result_cid,
+            result_url=evt.result_url,
+            params=dict(evt.publisher.params or {}),
+        )
+        started = time.perf_counter()
+        attempts, spec, error = await self._attempt(kind, request)
+        metrics.PUBLISH_SECONDS.labels(kind.value).observe(time.perf_counter() - started)
+        now = self._clock()
+        publication = Publication(
+            execution_id=evt.execution_id,
+            job_id=evt.job_id,
+            node_id=evt.node_id,
+            result_cid=evt.result_cid,
+            publisher=kind.value,
+            status=PublicationStatus.PUBLISHED if spec else PublicationStatus.FAILED,
+            result=spec.model_dump(mode="json", by_alias=True, exclude_none=True) if spec else None,
+            error=error,
+            attempts=attempts,
+            created=now,
+            updated=now,
+        )
+        async with self._store.transaction() as tx:
+            if not await tx.mark_processed(event_id):
+                return
+            if await tx.find_publication(evt.execution_id) is not None:
+                return
+            await tx.save_publication(publication)
+            if spec is not None:
+                await tx.add_events(
+                    ResultPublished(
+                        job_id=evt.job_id,
+                        execution_id=evt.execution_id,
+                        node_id=evt.node_id,
+                        result=spec,
+                    )
+                )
+            else:
+                await tx.add_events(
+                    PublishFailed(
+                        job_id=evt.job_id,
+                        execution_id=evt.execution_id,
+                        node_id=evt.node_id,
+                        error=error,
+                    )
+                )
+        self._on_commit()
+        if spec is not None:
+            metrics.PUBLISHED.labels(kind.value).inc()
+            log.info("result_published", publisher=kind.value, cid=evt.result_cid)
+        else:
+            metrics.FAILED.labels(kind.value).inc()
+            log.warning("result_publish_failed", publisher=kind.value, error=error)
+
+    async def _attempt(
+        self, kind: PublisherType, request: PublishRequest
+    ) -> tuple[int, StorageSpec | None, str]:
+        publisher = self._publishers.get(kind)
+        if publisher is None:
+            available = ", ".join(sorted(p.value for p in self._publishers))
+            return 0, None, f"the {kind.value} publisher is not available here ({available} are)"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return attempt, await publisher.publish(request), ""
+            except TransientPublishError as exc:
+                if attempt >= self._attempts:
+                    return attempt, None, f"{exc.detail} (gave up after {attempt} attempts)"
+                log.info("publish_retry", publisher=kind.value, error=exc.detail, attempt=attempt)
+                await asyncio.sleep(self._retry_delay * 2 ** (attempt - 1))
+            except PublishError as exc:
+                return attempt, None, exc.detail
+            except Exception as exc:
+                # A bug, not a verdict on the result: say so, and don't redeliver forever.
+                log.exception("publisher_crashed", publisher=kind.value)
+                return attempt, None, f"the {kind.value} publisher crashed: {exc!r}"

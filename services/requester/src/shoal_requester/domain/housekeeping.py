@@ -1,0 +1,116 @@
+"""Housekeeping: heartbeats in, lost nodes out, job timeouts, periodic reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
+import structlog
+
+from shoal_common.protocol import HEARTBEAT_INTERVAL_S, Heartbeat
+from shoal_common.spec import utcnow
+from shoal_requester import metrics
+from shoal_requester.domain.inventory import Inventory, TrackedNode
+from shoal_requester.domain.orchestrator import Orchestrator
+from shoal_requester.settings import RequesterSettings
+from shoal_requester.store.base import RequesterStore
+
+log = structlog.get_logger(__name__)
+
+
+class Housekeeper:
+    """Keeps the inventory current and re-drives whatever time alone decides."""
+
+    def __init__(
+        self,
+        *,
+        store: RequesterStore,
+        inventory: Inventory,
+        orchestrator: Orchestrator,
+        settings: RequesterSettings,
+    ) -> None:
+        self._store = store
+        self._inventory = inventory
+        self._orchestrator = orchestrator
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self._persisting: set[asyncio.Task[None]] = set()
+        self._persist_lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="requester-housekeeping")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*self._persisting, return_exceptions=True)
+
+    # --- heartbeats --------------------------------------------------------------------------
+
+    def observe(self, beat: Heartbeat) -> None:
+        """Take in one heartbeat (called for every heartbeat: kept cheap, no I/O inline)."""
+        seen = self._inventory.observe(beat)
+        if seen.new or seen.changed:
+            if seen.new:
+                log.info("node_joined", node_id=seen.node.id)
+            self._persist(seen.node)
+        if seen.more_free:
+            self._orchestrator.capacity_freed()
+        metrics.LIVE_NODES.set(self._inventory.live_count())
+
+    def _persist(self, node: TrackedNode) -> None:
+        self._inventory.mark_persisted(node)
+        record = node.record()
+
+        async def write() -> None:
+            async with self._persist_lock:  # keep writes of one node in order
+                try:
+                    await self._store.upsert_node(record)
+                except Exception as exc:  # persisted for display only; memory is the truth
+                    log.warning("node_persist_failed", node_id=record.id, error=repr(exc))
+
+        task = asyncio.create_task(write())
+        self._persisting.add(task)
+        task.add_done_callback(self._persisting.discard)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Give live nodes a heartbeat to report before re-driving what the last run left.
+        await asyncio.sleep(min(HEARTBEAT_INTERVAL_S * 1.5, self._settings.node_lost_after))
+        await self._guard(self._orchestrator.reconcile(), "reconcile_failed")
+        next_reconcile = loop.time() + self._settings.reconcile_interval
+        while True:
+            await asyncio.sleep(self._settings.housekeeping_interval)
+            await self._guard(self.tick(), "housekeeping_failed")
+            if loop.time() >= next_reconcile:
+                next_reconcile = loop.time() + self._settings.reconcile_interval
+                await self._guard(
+                    self._orchestrator.reconcile(older_than=self._settings.stuck_after),
+                    "reconcile_failed",
+                )
+
+    async def _guard(self, work: Awaitable[None], what: str) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(what)
+
+    async def tick(self) -> None:
+        """Lost nodes, expired jobs, node persistence: one pass."""
+        for node in self._inventory.expire():
+            metrics.NODES_LOST.inc()
+            log.warning("node_lost", node_id=node.id)
+            self._persist(node)
+            await self._orchestrator.node_lost(node.id)
+        metrics.LIVE_NODES.set(self._inventory.live_count())
+        for job in await self._store.list_expired_jobs(utcnow()):
+            await self._orchestrator.expire(job, utcnow())
+        for node in self._inventory.due_for_persist(self._settings.node_persist_interval):
+            self._persist(node)

@@ -1,0 +1,235 @@
+"""The live node inventory, fed by heartbeats, with the requester's own capacity accounting.
+
+A heartbeat says what a node had free when it was sent; everything the requester placed since
+is not in it yet. So each node's free capacity is::
+
+    free = reported - (holds placed since the last heartbeat)
+                    + (holds released since the last heartbeat that the report still counted)
+
+where a *hold* is one execution of ours in a capacity-holding state (asked, bid accepted,
+running). Heartbeats reset the correction. It is an estimate: the node's own books decide, and
+a node asked beyond its capacity just says no.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import orjson
+
+from shoal_common.protocol import Capacity, Heartbeat, NodeInfo
+from shoal_common.spec import utcnow
+from shoal_requester.domain.model import NodeRecord
+
+LIVE = "live"
+LOST = "lost"
+STOPPING = "stopping"
+# Loaded from the database at start-up: schedulable until it misses its first heartbeats.
+PRESUMED = "presumed"
+
+_VOLATILE = frozenset({"available", "running", "queued", "local_cids"})
+
+
+@dataclass
+class TrackedNode:
+    """One node as the inventory sees it."""
+
+    info: NodeInfo
+    state: str
+    first_seen: datetime
+    last_seen: datetime  # wall clock of the last heartbeat (for people)
+    last_seen_mono: float  # monotonic clock of the last heartbeat (for loss detection)
+    epoch: int = 0  # heartbeats received; holds placed in the current epoch are not reported
+    pending: Capacity = field(default_factory=Capacity)
+    freed: Capacity = field(default_factory=Capacity)
+    holds: int = 0
+    signature: str = ""  # hash of the non-volatile info, to persist only real changes
+    persisted_mono: float = 0.0
+    counters: tuple[int, int, int] = (0, 0, 0)  # completed, failed, rejected (reputation)
+
+    @property
+    def id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def schedulable(self) -> bool:
+        return self.state in (LIVE, PRESUMED)
+
+    @property
+    def free(self) -> Capacity:
+        free = self.info.available - self.pending + self.freed
+        total = self.info.total
+        return Capacity(
+            cpu=min(free.cpu, total.cpu),
+            memory=min(free.memory, total.memory),
+            disk=min(free.disk, total.disk),
+            gpu=min(free.gpu, total.gpu),
+        )
+
+    def record(self) -> NodeRecord:
+        completed, failed, rejected = self.counters
+        return NodeRecord(
+            id=self.id,
+            info=self.info.model_dump(mode="json"),
+            state=self.state,
+            first_seen=self.first_seen,
+            last_seen=self.last_seen,
+            completed=completed,
+            failed=failed,
+            rejected=rejected,
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a heartbeat changed, so callers persist and wake queued jobs only when needed."""
+
+    node: TrackedNode
+    new: bool  # first heartbeat ever, or first since it was lost
+    changed: bool  # capabilities, labels or totals differ from what was persisted
+    more_free: bool  # free capacity grew
+
+
+@dataclass
+class _Hold:
+    node_id: str
+    need: Capacity
+    epoch: int
+
+
+def _signature(info: NodeInfo) -> str:
+    data = info.model_dump(mode="json", exclude=set(_VOLATILE))
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Inventory:
+    """Nodes by id, their liveness and their free capacity (single event loop, no locks)."""
+
+    def __init__(self, *, lost_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lost_after = lost_after
+        self._clock = clock
+        self._nodes: dict[str, TrackedNode] = {}
+        self._holds: dict[str, _Hold] = {}
+
+    # --- liveness ----------------------------------------------------------------------------
+
+    def load(self, records: Iterable[NodeRecord]) -> None:
+        """Nodes persisted by a previous run: presumed live until they miss heartbeats."""
+        now = self._clock()
+        for rec in records:
+            if rec.state == LOST or rec.id in self._nodes:
+                continue
+            info = NodeInfo.model_validate(rec.info)
+            self._nodes[rec.id] = TrackedNode(
+                info=info,
+                state=PRESUMED,
+                first_seen=rec.first_seen,
+                last_seen=rec.last_seen,
+                last_seen_mono=now,
+                signature=_signature(info),
+                persisted_mono=now,
+                counters=(rec.completed, rec.failed, rec.rejected),
+            )
+
+    def observe(self, beat: Heartbeat) -> Observation:
+        info = beat.info
+        now_mono, now = self._clock(), utcnow()
+        node = self._nodes.get(info.node_id)
+        signature = _signature(info)
+        if node is None:
+            node = TrackedNode(
+                info=info,
+                state=STOPPING if beat.stopping else LIVE,
+                first_seen=now,
+                last_seen=now,
+                last_seen_mono=now_mono,
+                epoch=1,
+                signature=signature,
+            )
+            self._nodes[info.node_id] = node
+            return Observation(node=node, new=True, changed=True, more_free=True)
+        before_free = node.free
+        was = node.state
+        node.info = info
+        node.last_seen, node.last_seen_mono = now, now_mono
+        node.state = STOPPING if beat.stopping else LIVE
+        node.epoch += 1
+        node.pending, node.freed = Capacity(), Capacity()
+        changed = signature != node.signature or node.state != was
+        node.signature = signature
+        after = node.free
+        more_free = (
+            after.cpu > before_free.cpu + 1e-9
+            or after.memory > before_free.memory
+            or after.gpu > before_free.gpu
+            or after.disk > before_free.disk
+        )
+        revived = was in (LOST, PRESUMED) and node.state == LIVE
+        return Observation(
+            node=node, new=was == LOST, changed=changed or revived, more_free=more_free or revived
+        )
+
+    def expire(self) -> list[TrackedNode]:
+        """Mark nodes silent for longer than ``lost_after`` lost; return the newly lost."""
+        now = self._clock()
+        lost = []
+        for node in self._nodes.values():
+            if node.state != LOST and now - node.last_seen_mono > self._lost_after:
+                node.state = LOST
+                lost.append(node)
+        return lost
+
+    def mark_persisted(self, node: TrackedNode) -> None:
+        node.persisted_mono = self._clock()
+
+    def due_for_persist(self, interval: float) -> list[TrackedNode]:
+        now = self._clock()
+        return [n for n in self._nodes.values() if now - n.persisted_mono >= interval]
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def get(self, node_id: str) -> TrackedNode | None:
+        return self._nodes.get(node_id)
+
+    def all(self) -> list[TrackedNode]:
+        return [self._nodes[k] for k in sorted(self._nodes)]
+
+    def schedulable(self) -> list[TrackedNode]:
+        return [n for n in self._nodes.values() if n.schedulable]
+
+    def live_count(self) -> int:
+        return sum(1 for n in self._nodes.values() if n.state == LIVE)
+
+    # --- capacity ----------------------------------------------------------------------------
+
+    def hold(self, node_id: str, execution_id: str, need: Capacity) -> None:
+        """Count ``need`` against the node until :meth:`release` (idempotent)."""
+        node = self._nodes.get(node_id)
+        if node is None or execution_id in self._holds:
+            return
+        self._holds[execution_id] = _Hold(node_id, need, node.epoch)
+        node.pending = node.pending + need
+        node.holds += 1
+
+    def release(self, execution_id: str) -> bool:
+        """Give an execution's capacity back; True if it held any."""
+        hold = self._holds.pop(execution_id, None)
+        if hold is None:
+            return False
+        node = self._nodes.get(hold.node_id)
+        if node is None:
+            return True
+        node.holds -= 1
+        if hold.epoch == node.epoch:
+            node.pending = node.pending - hold.need
+        else:
+            node.freed = node.freed + hold.need
+        return True
+
+    def holds_on(self, node_id: str) -> int:
+        node = self._nodes.get(node_id)
+        return node.holds if node else 0

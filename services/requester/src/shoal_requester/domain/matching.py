@@ -1,0 +1,183 @@
+"""Which nodes can run a job (filter) and in which order to ask them (rank).
+
+The filter is static: capabilities, labels, per-job limits, timeout bounds. Whether a node has
+room *now* is a separate question (free capacity), so a job that fits only busy nodes waits in
+Queued instead of failing.
+
+Ranking is weighted rendezvous hashing of (job id, node id): every requester (and every retry)
+computes the same order for a job without coordination, consecutive jobs spread across nodes,
+and the weight (free capacity, times a reputation hook) tilts the choice towards emptier nodes.
+Soft ``favour_<key>`` selectors come first: a node that satisfies more preferences always ranks
+above one that satisfies fewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shoal_common.protocol import Capacity, NodeInfo
+from shoal_common.selectors import matches
+from shoal_common.spec import (
+    Engine,
+    LabelSelector,
+    PublisherType,
+    Spec,
+    StorageSourceType,
+    StorageSpec,
+    VerifierType,
+)
+
+FAVOUR_PREFIX = "favour_"
+
+# Reputation of a node in [0, 1] (1 = trusted); a hook for ranking on past behaviour.
+Reputation = Callable[[str], float]
+
+
+def full_reputation(_node_id: str) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a node must offer to run one execution of a job."""
+
+    engine: Engine | None
+    storage_sources: frozenset[StorageSourceType]
+    publisher: PublisherType
+    verifier: VerifierType
+    resources: Capacity
+    timeout: float
+    client_id: str
+    selectors: tuple[LabelSelector, ...]
+    preferences: tuple[LabelSelector, ...]
+
+
+def storage_specs(spec: Spec) -> list[StorageSpec]:
+    """Everything a node must fetch: inputs plus WASM modules (as the compute node sees it)."""
+    specs = list(spec.inputs or [])
+    if spec.wasm is not None:
+        if spec.wasm.entry_module is not None and (
+            spec.wasm.entry_module.storage_source or spec.wasm.entry_module.cid
+        ):
+            specs.append(spec.wasm.entry_module)
+        specs.extend(spec.wasm.import_modules or [])
+    return specs
+
+
+def storage_source(storage: StorageSpec) -> StorageSourceType | None:
+    return storage.storage_source or (StorageSourceType.IPFS if storage.cid else None)
+
+
+def split_selectors(
+    selectors: Sequence[LabelSelector],
+) -> tuple[tuple[LabelSelector, ...], tuple[LabelSelector, ...]]:
+    """Hard requirements and ``favour_`` preferences (with the prefix removed)."""
+    hard, soft = [], []
+    for s in selectors:
+        if s.key.startswith(FAVOUR_PREFIX) and len(s.key) > len(FAVOUR_PREFIX):
+            soft.append(s.model_copy(update={"key": s.key[len(FAVOUR_PREFIX) :]}))
+        else:
+            hard.append(s)
+    return tuple(hard), tuple(soft)
+
+
+def requirements(spec: Spec, *, client_id: str, resources: Capacity) -> Requirements:
+    hard, soft = split_selectors(spec.node_selectors or [])
+    sources = {src for s in storage_specs(spec) if (src := storage_source(s)) is not None}
+    return Requirements(
+        engine=spec.engine,
+        storage_sources=frozenset(sources),
+        publisher=spec.effective_publisher,
+        verifier=spec.effective_verifier,
+        resources=resources,
+        timeout=float(spec.timeout or 0.0),
+        client_id=client_id,
+        selectors=hard,
+        preferences=soft,
+    )
+
+
+def node_labels(info: NodeInfo) -> dict[str, str]:
+    """The node's labels plus implicit ones a selector may use (explicit labels win)."""
+    labels = {"name": info.node_id, "node-id": info.node_id, "arch": info.arch}
+    labels.update(info.labels)
+    return labels
+
+
+def per_job_limit(info: NodeInfo) -> Capacity:
+    """The node's per-job maximum; a node that reports none is limited by its total only."""
+    limit = info.max_per_job
+    if limit.cpu == 0 and limit.memory == 0 and limit.disk == 0 and limit.gpu == 0:
+        return info.total
+    return limit
+
+
+def misfit(info: NodeInfo, req: Requirements) -> str | None:
+    """Why this node can never run the job, or None if it can (given free capacity)."""
+    if req.engine is None or req.engine not in info.engines:
+        return f"engine {req.engine.value if req.engine else '?'} not available"
+    missing = req.storage_sources.difference(info.storage_sources)
+    if missing:
+        return f"storage source {sorted(m.value for m in missing)[0]} not supported"
+    if req.publisher not in info.publishers:
+        return f"publisher {req.publisher.value} not supported"
+    if req.verifier not in info.verifiers:
+        return f"verifier {req.verifier.value} not supported"
+    labels = node_labels(info)
+    for selector in req.selectors:
+        if not matches(selector, labels):
+            return f"label selector {describe_selector(selector)} not matched"
+    need, limit = req.resources, per_job_limit(info)
+    if not need.fits_in(limit) or not need.fits_in(info.total):
+        return f"job needs more resources than the node allows per job ({_describe(need)})"
+    if req.client_id not in info.bypass_clients:
+        if info.timeout_max is not None and req.timeout > info.timeout_max:
+            return f"timeout {req.timeout:g}s above the node's maximum {info.timeout_max:g}s"
+        if info.timeout_min is not None and req.timeout < info.timeout_min:
+            return f"timeout {req.timeout:g}s below the node's minimum {info.timeout_min:g}s"
+    return None
+
+
+def preference_score(info: NodeInfo, req: Requirements) -> int:
+    if not req.preferences:
+        return 0
+    labels = node_labels(info)
+    return sum(1 for s in req.preferences if matches(s, labels))
+
+
+def rendezvous(job_id: str, node_id: str, weight: float) -> float:
+    """Weighted rendezvous score: higher wins; ``weight`` scales a node's share of jobs."""
+    digest = hashlib.blake2b(f"{job_id}\x00{node_id}".encode(), digest_size=8).digest()
+    # A uniform draw in (0, 1), never 0 or 1, so the logarithm is finite and negative.
+    u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)
+    return -max(weight, 1e-6) / math.log(u)
+
+
+def capacity_weight(free: Capacity, total: Capacity) -> float:
+    # A floor so a nearly-full node still gets a (small) share instead of none.
+    return 0.05 + free.free_fraction(total)
+
+
+def describe_selector(s: LabelSelector) -> str:
+    values = s.values or []
+    if s.operator.value in ("in", "notin"):
+        return f"{s.key} {s.operator.value} ({','.join(values)})"
+    if s.operator.value in ("exists",):
+        return s.key
+    if s.operator.value == "!":
+        return f"!{s.key}"
+    if s.operator.value in ("gt", "lt"):
+        return f"{s.key} {'>' if s.operator.value == 'gt' else '<'} {values[0] if values else ''}"
+    return f"{s.key}{s.operator.value}{values[0] if values else ''}"
+
+
+def _describe(c: Capacity) -> str:
+    parts = [f"cpu {c.cpu:g}", f"memory {c.memory}"]
+    if c.disk:
+        parts.append(f"disk {c.disk}")
+    if c.gpu:
+        parts.append(f"gpu {c.gpu}")
+    return ", ".join(parts)

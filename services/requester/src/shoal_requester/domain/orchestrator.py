@@ -1,0 +1,1167 @@
+"""The requester's orchestration: placing executions on nodes and reacting to what happens.
+
+One :class:`Orchestrator` per requester. Every change to a job runs under that job's lock and
+is one store transaction (compare-and-set + history + outbox); messages to nodes go out only
+after the commit, so a node never runs an execution the requester has not recorded.
+
+Placement (``place``) filters and ranks the live nodes (``matching``), asks the top
+``max(needed, min_bids) x over_ask`` free ones for bids in parallel, accepts the first
+``needed`` yes answers and rejects the rest. Too few answers: another round on the next nodes
+(each counts against ``max_retries``), or ``Queued`` while nodes that fit are busy; the job is
+re-tried when capacity frees (a heartbeat shows more, or one of our executions ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from shoal_common.errors import AlreadyTerminal, Conflict, NotFound
+from shoal_common.events import (
+    BidAnswered,
+    Event,
+    ExecutionCancelled,
+    ExecutionFailed,
+    ExecutionsPlanned,
+    PublishFailed,
+    ResultAccepted,
+    ResultProposed,
+    ResultPublished,
+    ResultRejected,
+    VerificationEscalated,
+    VerificationFailed,
+    new_id,
+)
+from shoal_common.protocol import AskBid, BidDecision, CancelExecution
+from shoal_common.spec import (
+    Deal,
+    ExecutionStateType,
+    JobStateType,
+    RunOutput,
+    VerifierType,
+    to_wire,
+    utcnow,
+)
+from shoal_requester import metrics
+from shoal_requester.domain import lifecycle
+from shoal_requester.domain.inventory import Inventory, TrackedNode
+from shoal_requester.domain.lifecycle import Outcome, Tally, tally
+from shoal_requester.domain.locks import KeyedLocks
+from shoal_requester.domain.matching import (
+    Reputation,
+    Requirements,
+    capacity_weight,
+    full_reputation,
+    misfit,
+    preference_score,
+    rendezvous,
+    requirements,
+)
+from shoal_requester.domain.model import (
+    HOLDS_CAPACITY,
+    Changes,
+    ExecutionRecord,
+    ExecutionUpdate,
+    HistoryRecord,
+    JobRecord,
+    JobUpdate,
+    advance,
+    job_transition,
+    new_execution_update,
+)
+from shoal_requester.domain.ports import ComputeClient, NodeCallFailed
+from shoal_requester.settings import RequesterSettings
+from shoal_requester.store.base import RequesterStore
+
+log = structlog.get_logger(__name__)
+
+ES = ExecutionStateType
+JS = JobStateType
+
+WAITING_FOR_APPROVAL = "waiting for approval"
+RECONCILE_PARALLELISM = 16
+_END_COMMENTS = {
+    JS.COMPLETED: "job completed",
+    JS.COMPLETED_PARTIALLY: "job completed partially",
+    JS.ERROR: "job failed",
+    JS.CANCELLED: "job cancelled",
+}
+# Execution states in which a node is running (or about to run) it: cancel goes to the node.
+_ON_NODE = frozenset({ES.BID_ACCEPTED, ES.WAITING_VERIFICATION, ES.RESULT_ACCEPTED})
+
+
+@dataclass
+class _Answer:
+    node: TrackedNode
+    execution_id: str
+    kind: str  # "yes" | "no" | "error" | "waiting"
+    reason: str = ""
+
+
+@dataclass
+class _AfterCommit:
+    """Node messages and bookkeeping that must wait until the transaction committed."""
+
+    accept: list[ExecutionRecord] = field(default_factory=list)
+    reject: list[tuple[ExecutionRecord, str]] = field(default_factory=list)
+    cancel: list[tuple[ExecutionRecord, str]] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)
+    place_again: bool = False
+    finished: JobRecord | None = None
+    waiting: JobRecord | None = None  # wants capacity: keep it in the pending queue
+
+
+def _is_retry_round(executions: Sequence[ExecutionRecord]) -> bool:
+    """A round replaces something that failed or was refused (the first round is free)."""
+    return any(
+        e.state in (ES.FAILED, ES.ASK_FOR_BID_REJECTED, ES.BID_REJECTED, ES.CANCELLED)
+        for e in executions
+    )
+
+
+class Orchestrator:
+    """Placement, lifecycle events, cancellation, timeouts and reconciliation of jobs."""
+
+    def __init__(
+        self,
+        *,
+        store: RequesterStore,
+        inventory: Inventory,
+        compute: ComputeClient,
+        settings: RequesterSettings,
+        reputation: Reputation = full_reputation,
+    ) -> None:
+        self._store = store
+        self._inventory = inventory
+        self._compute = compute
+        self._settings = settings
+        self._reputation = reputation
+        self._requester_id = settings.node_id or "requester"
+        self._locks = KeyedLocks()
+        # Jobs waiting for capacity (Queued, or InProgress but short of executions), FIFO.
+        self._pending: dict[str, JobRecord] = {}
+        # Non-terminal jobs with their executions as last written by this process: event
+        # handling reads them from here instead of the database (writes stay compare-and-set,
+        # and a conflict drops the entry, so another writer cannot leave it stale for long).
+        self._working: dict[str, tuple[JobRecord, list[ExecutionRecord]]] = {}
+        self._placing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drain_wanted = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle of the orchestrator itself ---------------------------------------------------
+
+    def start(self) -> None:
+        self._drainer = asyncio.create_task(self._drain_loop(), name="requester-queue-drain")
+
+    async def stop(self) -> None:
+        self._closing = True
+        tasks = list(self._tasks)
+        if self._drainer is not None:
+            tasks.append(self._drainer)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        if self._closing:
+            return
+
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("requester_task_failed", task=name)
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    async def idle(self) -> None:
+        """Wait until no background work (placements, node messages) is running (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- the working set ----------------------------------------------------------------------
+
+    async def _load(self, job_id: str) -> tuple[JobRecord | None, list[ExecutionRecord]]:
+        """A job and its executions: from the working set, else from the store."""
+        hit = self._working.get(job_id)
+        if hit is not None:
+            return hit[0], list(hit[1])
+        job = await self._store.find_job(job_id)
+        if job is None:
+            return None, []
+        executions = (await self._store.list_executions([job_id]))[job_id]
+        if not job.state.terminal:
+            self._working[job_id] = (job, executions)
+        return job, list(executions)
+
+    def snapshot(self, job_id: str) -> tuple[JobRecord, list[ExecutionRecord]] | None:
+        """A job in flight and its executions as last committed, if this process has it."""
+        hit = self._working.get(job_id)
+        return (hit[0], list(hit[1])) if hit is not None else None
+
+    async def _apply(
+        self, changes: Changes, job: JobRecord, executions: Sequence[ExecutionRecord]
+    ) -> list[HistoryRecord] | None:
+        """Write ``changes`` (made from ``job`` and ``executions``) and remember the result."""
+        try:
+            rows = await self._store.apply(changes)
+        except Conflict:
+            self._working.pop(job.id, None)
+            raise
+        if rows is None:  # the event was applied before: what we read may be stale
+            self._working.pop(job.id, None)
+            return None
+        _observe_stages(changes, self._settings.queue_timeout)
+        after_job = job
+        for ju in changes.jobs:
+            if ju.after.id == job.id:
+                after_job = ju.after
+        updated = {eu.after.id: eu.after for eu in changes.executions}
+        after = [updated.pop(e.id, e) for e in executions]
+        after.extend(e for e in updated.values() if e.job_id == job.id)
+        if after_job.state.terminal:
+            self._working.pop(job.id, None)
+        else:
+            self._working[job.id] = (after_job, after)
+        return rows
+
+    # --- placement -----------------------------------------------------------------------------
+
+    def schedule(self, job: JobRecord) -> None:
+        """Place a just-submitted job in the background (no executions exist yet)."""
+        self._spawn(self.place(job.id, fresh=job, executions=[]), f"place-{job.id}")
+
+    def request_placement(self, job_id: str) -> None:
+        self._spawn(self.place(job_id), f"place-{job_id}")
+
+    def capacity_freed(self) -> None:
+        """Capacity appeared somewhere: try the jobs waiting for it."""
+        if self._pending:
+            self._drain_wanted.set()
+
+    async def place(
+        self,
+        job_id: str,
+        *,
+        fresh: JobRecord | None = None,
+        executions: list[ExecutionRecord] | None = None,
+    ) -> None:
+        """Bring a job up to its target number of executions, or queue or end it."""
+        if job_id in self._placing:
+            return  # a placement of this job is already running; it sees the latest state
+        self._placing.add(job_id)
+        try:
+            async with self._locks.hold(job_id):
+                if fresh is not None and executions is not None:
+                    job: JobRecord | None = fresh
+                else:
+                    job, executions = await self._load(job_id)
+                if job is None or job.state.terminal:
+                    self._pending.pop(job_id, None)
+                    return
+                await self._place_locked(job, executions)
+        finally:
+            self._placing.discard(job_id)
+
+    def _requirements(self, job: JobRecord) -> Requirements:
+        return requirements(job.spec, client_id=job.client_id, resources=job.resources)
+
+    def _candidates(
+        self, job: JobRecord, req: Requirements, executions: Sequence[ExecutionRecord]
+    ) -> tuple[list[TrackedNode], list[TrackedNode], int]:
+        """(free candidates in asking order, busy candidates, nodes that fit at all)."""
+        # A node keeps one execution per job; a node where it failed is a last resort.
+        taken = {e.node_id for e in executions if e.state is not ES.FAILED}
+        failed_here = {e.node_id for e in executions if e.state is ES.FAILED}
+        fitting = [n for n in self._inventory.schedulable() if misfit(n.info, req) is None]
+        free: list[tuple[tuple[int, int, int, float], TrackedNode]] = []
+        busy: list[TrackedNode] = []
+        # Data locality: a node that already holds the job's input CIDs is asked first.
+        wanted_cids = {i.cid for i in job.spec.inputs or [] if i.cid}
+        for node in fitting:
+            if node.id in taken:
+                continue
+            node_free = node.free
+            if not req.resources.fits_in(node_free):
+                busy.append(node)
+                continue
+            weight = capacity_weight(node_free, node.info.total) * self._reputation(node.id)
+            rank = (
+                1 if node.id in failed_here else 0,
+                -preference_score(node.info, req),
+                -len(wanted_cids.intersection(node.info.local_cids)) if wanted_cids else 0,
+                -rendezvous(job.id, node.id, weight),
+            )
+            free.append((rank, node))
+        free.sort(key=lambda pair: pair[0])
+        return [n for _, n in free], busy, len(fitting)
+
+    async def _place_locked(self, job: JobRecord, executions: list[ExecutionRecord]) -> None:
+        settings = self._settings
+        t = tally(executions)
+        needed = t.needed(job)
+        if needed <= 0:
+            self._pending.pop(job.id, None)
+            await self._settle(job, executions, t)
+            return
+        first_placement = not executions
+        min_bids = job.spec.min_bids if first_placement else 0
+        want = max(needed, min_bids)
+        retries = job.retries_used
+        retry_round = _is_retry_round(executions)
+        if retry_round and retries >= settings.max_retries:
+            await self._settle(job, executions, t, can_place_more=False)
+            return
+
+        req = self._requirements(job)
+        free, busy, fitting = self._candidates(job, req, executions)
+        if min_bids and len(free) < min_bids:
+            # Too few nodes free to collect min_bids at once: wait for them (the submit check
+            # made sure enough nodes exist).
+            await self._wait_for_capacity(job, executions, t, fitting=fitting)
+            return
+        if not free:
+            if busy or fitting == 0:
+                await self._wait_for_capacity(job, executions, t, fitting=fitting)
+            elif job.extra_executions and t.active:
+                # The verifier asked for more executions on fresh nodes and there are none:
+                # its round can never complete, so end the job now with the reason (ADR 0004).
+                await self._settle(
+                    job,
+                    executions,
+                    t,
+                    can_place_more=False,
+                    force=Outcome(
+                        JS.ERROR,
+                        f"verification needs {needed} more execution(s) on fresh nodes, but "
+                        "every node that can run the job already ran it",
+                    ),
+                )
+            else:
+                await self._settle(job, executions, t, can_place_more=False)
+            return
+
+        started = asyncio.get_running_loop().time()
+        answers: list[_Answer] = []
+        yes: list[_Answer] = []
+        rounds = 0
+        while True:
+            if rounds > 0 or retry_round:
+                if retries >= settings.max_retries:
+                    break
+                retries += 1
+            rounds += 1
+            k = min(len(free), math.ceil((want - len(yes)) * settings.over_ask))
+            batch, free = free[:k], free[k:]
+            got = await self._ask(job, batch)
+            answers += got
+            yes += [a for a in got if a.kind == "yes"]
+            if len(yes) >= want or not free:
+                break
+
+        now = utcnow()
+        min_met = len(yes) >= min_bids
+        accepted = yes[:needed] if min_met else []
+        accepted_ids = {a.execution_id for a in accepted}
+        changes = Changes()
+        effects = _AfterCommit()
+        new_records: list[ExecutionRecord] = []
+        for answer in answers:
+            update = self._answer_update(job, answer, now, accepted_ids, min_met, len(yes))
+            changes.executions.append(update)
+            new_records.append(update.after)
+            if update.after.state is ES.BID_ACCEPTED:
+                effects.accept.append(update.after)
+            elif answer.kind == "yes":
+                effects.reject.append((update.after, update.after.status))
+            if update.after.state not in HOLDS_CAPACITY:
+                effects.release.append(answer.execution_id)
+        after = [*executions, *new_records]
+        t_after = tally(after)
+        fields: dict[str, Any] = {"retries_used": retries}
+        if not min_met:
+            status = f"not enough bids: {len(yes)} of the {min_bids} required (min bids)" + (
+                f"; {lifecycle.summarise(t_after.failures)}" if t_after.failures else ""
+            )
+            changes.jobs.append(
+                job_transition(job, JS.ERROR, now=now, comment=status, status=status, **fields)
+            )
+            effects.finished = changes.jobs[-1].after
+        elif accepted:
+            if job.state in (JS.NEW, JS.QUEUED):
+                fields["timeout_at"] = job.timeout_at or now + timedelta(
+                    seconds=job.timeout_s + settings.job_timeout_grace
+                )
+                changes.jobs.append(
+                    job_transition(
+                        job,
+                        JS.IN_PROGRESS,
+                        now=now,
+                        comment=f"{len(accepted)} bid(s) accepted",
+                        status="",
+                        **fields,
+                    )
+                )
+            else:
+                changes.jobs.append(_touch(job, now, **fields))
+            if t_after.needed(job) > 0:
+                effects.waiting = changes.jobs[-1].after
+        else:
+            # Nothing accepted: try again later, or stop if nothing can ever fit.
+            job_now = job.evolve(retries_used=retries)
+            can_more = retries < settings.max_retries and (bool(busy) or bool(free))
+            out = lifecycle.outcome(job_now, t_after, can_place_more=can_more)
+            if out is not None:
+                changes.jobs.append(_end(job, out, now, **fields))
+                effects.finished = changes.jobs[-1].after
+                self._cancel_leftovers(after, changes, effects, now, out)
+            elif any(a.kind == "waiting" for a in answers) and job.state is not JS.IN_PROGRESS:
+                held = sorted({a.node.id for a in answers if a.kind == "waiting"})
+                why = f"{WAITING_FOR_APPROVAL} on {', '.join(held)}"
+                changes.jobs.append(self._queued(job, now, 0, why=why, **fields))
+            elif job.state is JS.NEW or (job.state is JS.IN_PROGRESS and t_after.active == 0):
+                changes.jobs.append(self._queued(job, now, len(busy), **fields))
+                effects.waiting = changes.jobs[-1].after
+            else:
+                changes.jobs.append(_touch(job, now, **fields))
+                effects.waiting = changes.jobs[-1].after
+        self._plan_event(job, executions, after, changes)
+        try:
+            await self._apply(changes, job, executions)
+        except Conflict:
+            log.warning("placement_conflict", job_id=job.id)
+            effects = _AfterCommit(
+                reject=[(r, "placement abandoned") for r in new_records if r.accepted_ask_for_bid],
+                release=[a.execution_id for a in answers],
+            )
+            self._after_commit(job, effects)
+            return
+        if accepted:
+            took = asyncio.get_running_loop().time() - started
+            metrics.PLACEMENT_LATENCY.observe(took)
+            metrics.JOB_STAGE.labels(stage="bidding").observe(took)
+        self._after_commit(job, effects)
+
+    def _answer_update(
+        self,
+        job: JobRecord,
+        answer: _Answer,
+        now: datetime,
+        accepted_ids: set[str],
+        min_met: bool,
+        yes_count: int,
+    ) -> ExecutionUpdate:
+        record = ExecutionRecord(
+            id=answer.execution_id,
+            job_id=job.id,
+            node_id=answer.node.id,
+            state=ES.ASK_FOR_BID,
+            version=1,
+            created=now,
+            updated=now,
+        )
+        asked = (ES.ASK_FOR_BID, "asked for a bid")
+        if answer.kind == "waiting":
+            reason = WAITING_FOR_APPROVAL
+            if answer.reason and answer.reason != WAITING_FOR_APPROVAL:
+                reason += f": {answer.reason}"
+            return new_execution_update(record.evolve(status=reason), [(ES.ASK_FOR_BID, reason)])
+        if answer.kind != "yes":
+            reason = answer.reason or "bid rejected"
+            if answer.kind == "error":
+                reason = f"no bid: {reason}"
+            rec = record.evolve(state=ES.ASK_FOR_BID_REJECTED, status=reason)
+            return new_execution_update(rec, [asked, (ES.ASK_FOR_BID_REJECTED, reason)])
+        got = (ES.ASK_FOR_BID_ACCEPTED, "bid received")
+        rec = record.evolve(accepted_ask_for_bid=True)
+        if answer.execution_id in accepted_ids:
+            rec = rec.evolve(state=ES.BID_ACCEPTED)
+            return new_execution_update(rec, [asked, got, (ES.BID_ACCEPTED, "bid accepted")])
+        if not min_met:
+            reason = f"not enough bids: {yes_count} of the {job.spec.min_bids} required (min bids)"
+            rec = rec.evolve(state=ES.CANCELLED, status=reason)
+            return new_execution_update(rec, [asked, got, (ES.CANCELLED, reason)])
+        reason = "enough bids accepted"
+        rec = rec.evolve(state=ES.BID_REJECTED, status=reason)
+        return new_execution_update(rec, [asked, got, (ES.BID_REJECTED, reason)])
+
+    async def _ask(self, job: JobRecord, nodes: Sequence[TrackedNode]) -> list[_Answer]:
+        """Ask nodes for bids in parallel; answers in the order they arrived."""
+        arrival = itertools.count()
+        timeout = self._settings.bid_timeout
+        # Hold the capacity before the first await, so a placement running concurrently
+        # already sees these nodes as (partly) taken.
+        asks = []
+        for node in nodes:
+            execution_id = new_id()
+            self._inventory.hold(node.id, execution_id, job.resources)
+            asks.append((node, execution_id))
+
+        async def ask(node: TrackedNode, execution_id: str) -> tuple[int, _Answer]:
+            request = AskBid(
+                execution_id=execution_id, job=dict(job.job), requester_id=self._requester_id
+            )
+            try:
+                bid = await self._compute.ask_bid(node.id, request, timeout=timeout)
+            except NodeCallFailed as exc:
+                answer = _Answer(node, execution_id, "error", exc.detail)
+            else:
+                kind = "yes" if bid.accepted else ("waiting" if bid.waiting else "no")
+                answer = _Answer(node, execution_id, kind, bid.reason)
+            metrics.BIDS.labels(answer=answer.kind).inc()
+            return next(arrival), answer
+
+        results = await asyncio.gather(*(ask(n, e) for n, e in asks))
+        return [a for _, a in sorted(results, key=lambda pair: pair[0])]
+
+    def _queued(
+        self, job: JobRecord, now: datetime, busy: int, *, why: str = "", **fields: Any
+    ) -> JobUpdate:
+        deadline = job.queue_deadline or now + timedelta(seconds=self._settings.queue_timeout)
+        if not why:
+            why = (
+                f"waiting for capacity: {busy} matching node(s) busy"
+                if busy
+                else "waiting for a matching node"
+            )
+        if job.state is JS.QUEUED:
+            return _touch(job, now, queue_deadline=deadline, status=why, **fields)
+        return job_transition(
+            job, JS.QUEUED, now=now, comment=why, status=why, queue_deadline=deadline, **fields
+        )
+
+    async def _wait_for_capacity(
+        self, job: JobRecord, executions: Sequence[ExecutionRecord], t: Tally, *, fitting: int
+    ) -> None:
+        busy = fitting - len({e.node_id for e in executions})
+        if job.state is JS.NEW or (job.state is JS.IN_PROGRESS and t.active == 0):
+            update = self._queued(job, utcnow(), max(busy, 0))
+            await self._apply(Changes(jobs=[update]), job, executions)
+            job = update.after
+        if job.id not in self._pending:
+            self._pending[job.id] = job
+            metrics.QUEUED_JOBS.set(len(self._pending))
+
+    async def _drain_loop(self) -> None:
+        while True:
+            await self._drain_wanted.wait()
+            self._drain_wanted.clear()
+            try:
+                await self._drain_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("queue_drain_failed")
+
+    async def _drain_once(self) -> None:
+        """Try every waiting job that some node now has room for, oldest first."""
+        for job_id, job in list(self._pending.items()):
+            if job_id not in self._pending:
+                continue
+            req = self._requirements(job)
+            if not any(
+                req.resources.fits_in(n.free) and misfit(n.info, req) is None
+                for n in self._inventory.schedulable()
+            ):
+                continue
+            self._pending.pop(job_id, None)
+            await self.place(job_id)
+        metrics.QUEUED_JOBS.set(len(self._pending))
+
+    # --- the end of a job ----------------------------------------------------------------------
+
+    async def _settle(
+        self,
+        job: JobRecord,
+        executions: Sequence[ExecutionRecord],
+        t: Tally,
+        *,
+        can_place_more: bool = True,
+        force: Outcome | None = None,
+    ) -> None:
+        """End the job if its executions decide it (or as ``force`` says)."""
+        out = force or lifecycle.outcome(job, t, can_place_more=can_place_more)
+        if out is None:
+            return
+        now = utcnow()
+        changes = Changes(jobs=[_end(job, out, now)])
+        effects = _AfterCommit(finished=changes.jobs[0].after)
+        self._cancel_leftovers(executions, changes, effects, now, out)
+        await self._apply(changes, job, executions)
+        self._after_commit(job, effects)
+
+    def _cancel_leftovers(
+        self,
+        executions: Sequence[ExecutionRecord],
+        changes: Changes,
+        effects: _AfterCommit,
+        now: datetime,
+        out: Outcome,
+    ) -> None:
+        touched = {u.after.id for u in changes.executions}
+        reason = f"{_END_COMMENTS.get(out.state, 'job ended')}"
+        for ex in executions:
+            if ex.id in touched or ex.state.terminal:
+                continue
+            update = lifecycle.end_execution(ex, ES.CANCELLED, reason, now=now)
+            if update is None:
+                continue
+            changes.executions.append(update)
+            self._node_stop(ex, reason, effects)
+
+    def _node_stop(self, ex: ExecutionRecord, reason: str, effects: _AfterCommit) -> None:
+        if ex.state in _ON_NODE:
+            effects.cancel.append((ex, reason))
+        elif ex.accepted_ask_for_bid or ex.state is ES.ASK_FOR_BID:
+            effects.reject.append((ex, reason))
+        effects.release.append(ex.id)
+
+    def _plan_event(
+        self,
+        job: JobRecord,
+        before: Sequence[ExecutionRecord],
+        after: Sequence[ExecutionRecord],
+        changes: Changes,
+    ) -> None:
+        """Tell the verifier which proposals to expect whenever that set changes (ADR 0004:
+        only proposals of planned executions, from the node they were placed on, vote)."""
+        spec = job.spec
+        if spec.effective_verifier is VerifierType.NOOP:
+            return  # the noop verifier accepts each proposal on its own
+        plan = lifecycle.planned(after)
+        if plan == lifecycle.planned(before):
+            return
+        changes.events.append(
+            ExecutionsPlanned(
+                job_id=job.id,
+                expected=len(plan),
+                verifier=spec.effective_verifier,
+                deal=spec.deal or Deal(),
+                executions=plan,
+            )
+        )
+
+    def _after_commit(self, job: JobRecord, effects: _AfterCommit) -> None:
+        released = False
+        for execution_id in effects.release:
+            released = self._inventory.release(execution_id) or released
+        if effects.finished is not None:
+            self._pending.pop(job.id, None)
+            metrics.JOBS_FINISHED.labels(state=effects.finished.state.value).inc()
+            metrics.JOB_DURATION.observe(
+                max(0.0, (effects.finished.updated - effects.finished.created).total_seconds())
+            )
+            log.info("job_finished", job_id=job.id, state=effects.finished.state.value)
+        elif effects.waiting is not None and effects.waiting.id not in self._pending:
+            self._pending[job.id] = effects.waiting
+        metrics.QUEUED_JOBS.set(len(self._pending))
+        if effects.accept or effects.reject or effects.cancel:
+            self._spawn(self._send(job, effects), f"decisions-{job.id}")
+        if effects.place_again:
+            self.request_placement(job.id)
+        if released:
+            self.capacity_freed()
+
+    async def _send(self, job: JobRecord, effects: _AfterCommit) -> None:
+        async def accept(ex: ExecutionRecord) -> None:
+            decision = BidDecision(execution_id=ex.id, job_id=job.id)
+            try:
+                ack = await self._compute.bid_accepted(ex.node_id, decision)
+            except NodeCallFailed as exc:
+                await self.fail_execution(ex.id, f"bid acceptance not delivered: {exc.detail}")
+                return
+            if not ack.ok:
+                await self.fail_execution(ex.id, f"node refused the accepted bid: {ack.error}")
+
+        async def reject(ex: ExecutionRecord, reason: str) -> None:
+            with contextlib.suppress(NodeCallFailed):
+                await self._compute.bid_rejected(
+                    ex.node_id, BidDecision(execution_id=ex.id, job_id=job.id, reason=reason)
+                )
+
+        async def cancel(ex: ExecutionRecord, reason: str) -> None:
+            try:
+                await self._compute.cancel(
+                    ex.node_id, CancelExecution(execution_id=ex.id, job_id=job.id, reason=reason)
+                )
+            except NodeCallFailed as exc:
+                # Already recorded as cancelled; a node that missed this finds out when it
+                # reports, and its late events change nothing.
+                log.info("cancel_not_delivered", execution_id=ex.id, error=exc.detail)
+
+        await asyncio.gather(
+            *(accept(e) for e in effects.accept),
+            *(reject(e, r) for e, r in effects.reject),
+            *(cancel(e, r) for e, r in effects.cancel),
+        )
+
+    # --- events from compute, verifier and publisher -------------------------------------------
+
+    async def handle_event(self, event: Event, *, event_id: str) -> None:
+        """Apply one lifecycle event (idempotent on ``event_id``)."""
+        metrics.EVENTS_HANDLED.labels(type=event.type).inc()
+        if isinstance(event, VerificationEscalated):
+            await self._escalate(event, event_id)
+        elif isinstance(event, VerificationFailed):
+            await self._end_job(
+                event.job_id,
+                JS.ERROR,
+                f"verification failed: {event.reason}",
+                event_id=event_id,
+            )
+        elif isinstance(event, BidAnswered):
+            await self._bid_answered(event, event_id)
+        elif isinstance(
+            event,
+            ResultProposed
+            | ExecutionFailed
+            | ExecutionCancelled
+            | ResultAccepted
+            | ResultRejected
+            | ResultPublished
+            | PublishFailed,
+        ):
+            await self._execution_event(event, event_id)
+        else:
+            log.debug("event_ignored", type=event.type)
+
+    def _transition(self, ex: ExecutionRecord, event: Event) -> ExecutionUpdate | None:
+        now = utcnow()
+        max_out = self._settings.max_output_bytes
+        if isinstance(event, ResultProposed):
+            return lifecycle.on_result_proposed(
+                ex,
+                result_cid=event.result_cid,
+                run_output=event.run_output.model_dump(by_alias=True),
+                now=now,
+                max_output_bytes=max_out,
+            )
+        if isinstance(event, ExecutionFailed):
+            timed_out = event.timed_out
+            reason = event.error or ("timed out" if timed_out else "execution failed")
+            if timed_out and "timed out" not in reason:
+                reason = f"timed out: {reason}"
+            return lifecycle.end_execution(
+                ex,
+                ES.FAILED,
+                reason,
+                now=now,
+                # Another node would time out too: a timeout is not worth a replacement.
+                retryable=event.retryable and not timed_out,
+                run_output=event.run_output.model_dump(by_alias=True) if event.run_output else None,
+                max_output_bytes=max_out,
+            )
+        if isinstance(event, ExecutionCancelled):
+            reason = f"cancelled by the node: {event.reason}" if event.reason else "cancelled"
+            return lifecycle.end_execution(ex, ES.CANCELLED, reason, now=now)
+        if isinstance(event, ResultAccepted):
+            return lifecycle.on_result_accepted(
+                ex,
+                result_cid=event.result_cid,
+                now=now,
+                run_output=_output(event.run_output),
+                max_output_bytes=max_out,
+            )
+        if isinstance(event, ResultRejected):
+            return lifecycle.on_result_rejected(
+                ex,
+                reason=event.reason,
+                now=now,
+                result_cid=event.result_cid,
+                run_output=_output(event.run_output),
+                max_output_bytes=max_out,
+            )
+        if isinstance(event, ResultPublished):
+            return lifecycle.on_result_published(ex, published=to_wire(event.result), now=now)
+        if isinstance(event, PublishFailed):
+            # The result exists; running the job elsewhere would not help the publisher.
+            return lifecycle.end_execution(
+                ex, ES.FAILED, f"publishing failed: {event.error}", now=now, retryable=False
+            )
+        return None
+
+    async def _execution_event(
+        self,
+        event: ResultProposed
+        | ExecutionFailed
+        | ExecutionCancelled
+        | ResultAccepted
+        | ResultRejected
+        | ResultPublished
+        | PublishFailed,
+        event_id: str | None,
+    ) -> None:
+        await self._update_execution(
+            event.execution_id,
+            lambda ex: self._transition(ex, event),
+            event_id=event_id,
+            job_id=event.job_id,
+        )
+
+    async def fail_execution(
+        self, execution_id: str, reason: str, *, retryable: bool = True
+    ) -> None:
+        """Fail an execution the requester gave up on (lost node, undelivered decision)."""
+        await self._update_execution(
+            execution_id,
+            lambda ex: lifecycle.end_execution(
+                ex, ES.FAILED, reason, now=utcnow(), retryable=retryable
+            ),
+            event_id=None,
+        )
+
+    async def _update_execution(
+        self,
+        execution_id: str,
+        transition: Callable[[ExecutionRecord], ExecutionUpdate | None],
+        *,
+        event_id: str | None,
+        job_id: str | None = None,
+    ) -> None:
+        if job_id is None:
+            found = await self._store.find_execution(execution_id)
+            if found is None:
+                log.warning("unknown_execution", execution_id=execution_id)
+                return
+            job_id = found.job_id
+        async with self._locks.hold(job_id):
+            for _attempt in range(3):
+                job, executions = await self._load(job_id)
+                ex = next((e for e in executions if e.id == execution_id), None)
+                if job is None or ex is None:
+                    log.warning("unknown_execution", execution_id=execution_id, job_id=job_id)
+                    return
+                update = transition(ex)
+                if update is None:
+                    return  # a duplicate or a late event: nothing changes
+                try:
+                    await self._commit_execution(job, executions, [update], event_id=event_id)
+                except Conflict:
+                    continue
+                return
+            raise Conflict(f"execution {execution_id} kept changing")
+
+    async def _commit_execution(
+        self,
+        job: JobRecord,
+        executions: Sequence[ExecutionRecord],
+        updates: list[ExecutionUpdate],
+        *,
+        event_id: str | None,
+    ) -> None:
+        """Write execution changes plus whatever they mean for the job, in one transaction."""
+        now = utcnow()
+        by_id = {u.after.id: u.after for u in updates}
+        after = [by_id.get(e.id, e) for e in executions]
+        t = tally(after)
+        changes = Changes(executions=list(updates), processed_event=event_id)
+        effects = _AfterCommit()
+        for u in updates:
+            left_node = u.before is not None and u.before.state in HOLDS_CAPACITY
+            if left_node and u.after.state not in HOLDS_CAPACITY:
+                effects.release.append(u.after.id)
+        if not job.state.terminal:
+            can_more = t.needed(job) > 0 and job.retries_used < self._settings.max_retries
+            out = lifecycle.outcome(job, t, can_place_more=can_more)
+            if out is not None:
+                changes.jobs.append(_end(job, out, now))
+                effects.finished = changes.jobs[-1].after
+                self._cancel_leftovers(after, changes, effects, now, out)
+            elif t.needed(job) > 0 and can_more:
+                effects.place_again = True
+            self._plan_event(job, executions, after, changes)
+        if await self._apply(changes, job, executions) is None:
+            return  # this event was applied before (a redelivery): nothing more to do
+        self._after_commit(job, effects)
+
+    async def _bid_answered(self, event: BidAnswered, event_id: str) -> None:
+        """A node held an ask for approval and has now decided (compute's BidAnswered)."""
+        async with self._locks.hold(event.job_id):
+            job, executions = await self._load(event.job_id)
+            ex = next((e for e in executions if e.id == event.execution_id), None)
+            if job is None or ex is None or ex.state is not ES.ASK_FOR_BID:
+                return  # unknown, or answered already: nothing changes
+            now = utcnow()
+            if not event.accepted:
+                reason = event.reason or "bid rejected"
+                update = advance(ex, [(ES.ASK_FOR_BID_REJECTED, reason)], now=now, status=reason)
+                await self._commit_execution(job, executions, [update], event_id=event_id)
+                return
+            got = (ES.ASK_FOR_BID_ACCEPTED, "bid received")
+            effects = _AfterCommit()
+            changes = Changes(processed_event=event_id)
+            if job.state.terminal:
+                reason = f"job already {job.state.value}"
+                update = advance(
+                    ex, [got, (ES.BID_REJECTED, reason)], now=now, accepted_ask_for_bid=True
+                )
+                effects.reject.append((update.after, reason))
+                effects.release.append(ex.id)
+            else:
+                update = advance(
+                    ex,
+                    [got, (ES.BID_ACCEPTED, "bid accepted")],
+                    now=now,
+                    accepted_ask_for_bid=True,
+                    status="",
+                )
+                effects.accept.append(update.after)
+                if job.state in (JS.NEW, JS.QUEUED):
+                    changes.jobs.append(
+                        job_transition(
+                            job,
+                            JS.IN_PROGRESS,
+                            now=now,
+                            comment="1 bid(s) accepted",
+                            status="",
+                            timeout_at=job.timeout_at
+                            or now
+                            + timedelta(seconds=job.timeout_s + self._settings.job_timeout_grace),
+                        )
+                    )
+            changes.executions.append(update)
+            after = [update.after if e.id == ex.id else e for e in executions]
+            self._plan_event(job, executions, after, changes)
+            if await self._apply(changes, job, executions) is not None:
+                self._after_commit(job, effects)
+
+    async def _escalate(self, event: VerificationEscalated, event_id: str) -> None:
+        async with self._locks.hold(event.job_id):
+            job, executions = await self._load(event.job_id)
+            if job is None or job.state.terminal or event.additional <= 0:
+                return
+            now = utcnow()
+            comment = f"verification escalated: {event.additional} more execution(s)"
+            if event.reason:
+                comment += f" ({event.reason})"
+            update = _touch(
+                job,
+                now,
+                record=True,
+                comment=comment,
+                extra_executions=job.extra_executions + event.additional,
+            )
+            rows = await self._apply(
+                Changes(jobs=[update], processed_event=event_id), job, executions
+            )
+        if rows is not None:
+            self.request_placement(job.id)
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, reason: str) -> JobRecord:
+        """Cancel a job and stop its executions on their nodes; returns the cancelled job."""
+        job = await self._end_job(job_id, JS.CANCELLED, reason or "cancelled", event_id=None)
+        return job
+
+    async def _end_job(
+        self, job_id: str, state: JobStateType, reason: str, *, event_id: str | None
+    ) -> JobRecord:
+        async with self._locks.hold(job_id):
+            for _attempt in range(3):
+                job, executions = await self._load(job_id)
+                if job is None:
+                    raise NotFound(f"job {job_id} not found")
+                if job.state.terminal:
+                    if event_id is not None:
+                        return job  # late verifier verdict on a finished job
+                    raise AlreadyTerminal(f"job {job_id} is already {job.state.value}")
+                now = utcnow()
+                out = Outcome(state, reason)
+                changes = Changes(jobs=[_end(job, out, now)], processed_event=event_id)
+                effects = _AfterCommit(finished=changes.jobs[0].after)
+                prefix = "job cancelled" if state is JS.CANCELLED else "job failed"
+                for ex in executions:
+                    update = lifecycle.end_execution(
+                        ex, ES.CANCELLED, f"{prefix}: {reason}", now=now
+                    )
+                    if update is not None:
+                        changes.executions.append(update)
+                        self._node_stop(ex, f"{prefix}: {reason}", effects)
+                try:
+                    if await self._apply(changes, job, executions) is None:
+                        return job  # a redelivered verdict: applied before
+                except Conflict:
+                    continue
+                self._after_commit(job, effects)
+                return changes.jobs[0].after
+            raise Conflict(f"job {job_id} kept changing")
+
+    async def expire(self, job: JobRecord, now: datetime) -> None:
+        """End a job past its timeout, or a Queued job past its queue deadline."""
+        if job.state is JS.QUEUED and job.queue_deadline and job.queue_deadline <= now:
+            waited_for = (
+                "approval"
+                if job.status.startswith(WAITING_FOR_APPROVAL)
+                else "a node with free capacity"
+            )
+            reason = (
+                f"timed out waiting for {waited_for} "
+                f"(queued longer than {self._settings.queue_timeout:g}s)"
+            )
+        else:
+            reason = f"timed out: the job ran longer than its timeout of {job.timeout_s:g}s"
+        with contextlib.suppress(AlreadyTerminal, NotFound):
+            await self._end_job(job.id, JS.ERROR, reason, event_id=None)
+
+    async def node_lost(self, node_id: str) -> None:
+        """Fail (and so re-place) the executions a lost node was asked for or running."""
+        executions = await self._store.list_executions_in_states(
+            [ES.ASK_FOR_BID, ES.ASK_FOR_BID_ACCEPTED, ES.BID_ACCEPTED], node_ids=[node_id]
+        )
+        for ex in executions:
+            await self.fail_execution(ex.id, f"node {node_id} lost (no heartbeat)")
+
+    async def _confirm_on_node(self, ex: ExecutionRecord) -> None:
+        """After a restart: does the node know this accepted execution? The acceptance may
+        have been lost with the previous process (it is sent after the commit)."""
+        decision = BidDecision(execution_id=ex.id, job_id=ex.job_id)
+        try:
+            ack = await self._compute.bid_accepted(ex.node_id, decision)
+        except NodeCallFailed:
+            return  # the node is away: loss detection re-places it if it stays away
+        if not ack.ok and ack.code == "not_found":
+            await self.fail_execution(ex.id, "the node never received the bid acceptance")
+
+    async def _reconcile_job(
+        self,
+        job: JobRecord,
+        mine: list[ExecutionRecord],
+        stuck_before: datetime,
+        *,
+        confirm: bool = False,
+    ) -> None:
+        if confirm:
+            for ex in mine:
+                if ex.state is ES.BID_ACCEPTED:
+                    await self._confirm_on_node(ex)
+        for ex in mine:
+            # An ask held for approval waits for a person (bounded by the queue deadline and
+            # the job timeout); any other unanswered ask is left over from a crash.
+            held = ex.status.startswith(WAITING_FOR_APPROVAL)
+            if (
+                ex.state in (ES.ASK_FOR_BID, ES.ASK_FOR_BID_ACCEPTED)
+                and not held
+                and ex.updated < stuck_before
+            ):
+                await self._update_execution(
+                    ex.id,
+                    lambda e: lifecycle.end_execution(
+                        e, ES.ASK_FOR_BID_REJECTED, "no bid answer in time", now=utcnow()
+                    ),
+                    event_id=None,
+                    job_id=job.id,
+                )
+        # Re-hold capacity for what runs on nodes, so accounting survives a restart.
+        for ex in mine:
+            if ex.state in HOLDS_CAPACITY:
+                self._inventory.hold(ex.node_id, ex.id, job.resources)
+        needed = tally(mine).needed(job)
+        if (job.state is JS.QUEUED or needed > 0) and job.id not in self._pending:
+            self._pending[job.id] = job
+        if job.state is JS.NEW or needed > 0:
+            await self.place(job.id)
+            return
+        async with self._locks.hold(job.id):
+            fresh = await self._store.find_job(job.id)
+            if fresh is not None and not fresh.state.terminal:
+                current = (await self._store.list_executions([job.id]))[job.id]
+                await self._settle(
+                    fresh,
+                    current,
+                    tally(current),
+                    can_place_more=fresh.retries_used < self._settings.max_retries,
+                )
+
+    async def reconcile(self, *, older_than: float | None = None) -> None:
+        """Re-drive anything stuck: jobs never placed, short of executions, or decided but not
+        ended; executions waiting for a bid answer too long (e.g. after a crash).
+
+        The full pass (``older_than=None``, at start-up) also asks each node whether it knows
+        the executions accepted on it, since an acceptance is sent after its commit.
+        """
+        now = utcnow()
+        before = now - timedelta(seconds=older_than) if older_than is not None else None
+        jobs = await self._store.list_jobs_in_states(
+            [JS.NEW, JS.QUEUED, JS.IN_PROGRESS], updated_before=before, limit=5000
+        )
+        jobs = [j for j in jobs if j.id not in self._placing]
+        if not jobs:
+            return
+        executions = await self._store.list_executions([j.id for j in jobs])
+        stuck_before = now - timedelta(seconds=self._settings.stuck_after)
+        # Jobs are independent: re-drive several at once (bounded), so a restart with a
+        # backlog does not place it one network round trip at a time.
+        gate = asyncio.Semaphore(RECONCILE_PARALLELISM)
+
+        async def redrive(job: JobRecord) -> None:
+            async with gate:
+                try:
+                    await self._reconcile_job(
+                        job, executions[job.id], stuck_before, confirm=older_than is None
+                    )
+                except Exception:
+                    log.exception("reconcile_job_failed", job_id=job.id)
+
+        await asyncio.gather(*(redrive(j) for j in jobs))
+        metrics.QUEUED_JOBS.set(len(self._pending))
+
+
+def _touch(
+    job: JobRecord, now: datetime, *, record: bool = False, comment: str = "", **fields: Any
+) -> JobUpdate:
+    """A job update without a state change (fields only), still compare-and-set."""
+    return job_transition(job, job.state, now=now, comment=comment, record=record, **fields)
+
+
+def _end(job: JobRecord, out: Outcome, now: datetime, **fields: Any) -> JobUpdate:
+    comment = out.status or _END_COMMENTS.get(out.state, "")
+    return job_transition(job, out.state, now=now, comment=comment, status=out.status, **fields)
+
+
+def _output(run_output: RunOutput | None) -> dict[str, Any] | None:
+    return run_output.model_dump(by_alias=True) if run_output is not None else None
+
+
+# Execution stage left -> metric stage name (``shoal_requester_job_stage_seconds``).
+_STAGE_OF = {
+    ES.BID_ACCEPTED: "running",
+    ES.WAITING_VERIFICATION: "verifying",
+    ES.RESULT_ACCEPTED: "publishing",
+}
+
+
+def _observe_stages(changes: Changes, queue_timeout: float) -> None:
+    """Time spent in the stages this change leaves (one observation per stage left)."""
+    for eu in changes.executions:
+        if eu.before is None or not eu.steps:
+            continue
+        stage = _STAGE_OF.get(eu.before.state)
+        if stage is not None:
+            spent = (eu.after.updated - eu.before.updated).total_seconds()
+            metrics.JOB_STAGE.labels(stage=stage).observe(max(0.0, spent))
+    for ju in changes.jobs:
+        if ju.before.state is JS.QUEUED and ju.after.state is not JS.QUEUED:
+            deadline = ju.before.queue_deadline
+            if deadline is not None:
+                entered = deadline - timedelta(seconds=queue_timeout)
+                spent = (ju.after.updated - entered).total_seconds()
+                metrics.JOB_STAGE.labels(stage="queued").observe(max(0.0, spent))

@@ -1,0 +1,36 @@
+"""The requester's own metrics (``shoal_requester_<noun>_<unit>``; never an id as a label)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS_SUBMITTED = Counter("shoal_requester_jobs_submitted_total", "Jobs accepted at submit")
+SUBMITS_REFUSED = Counter(
+    "shoal_requester_submits_refused_total", "Submits refused, by reason", ["reason"]
+)
+JOBS_FINISHED = Counter(
+    "shoal_requester_jobs_finished_total", "Jobs that reached a terminal state", ["state"]
+)
+BIDS = Counter("shoal_requester_bids_total", "Bid answers from compute nodes", ["answer"])
+PLACEMENT_LATENCY = Histogram(
+    "shoal_requester_placement_duration_seconds",
+    "From the start of a placement round to bids accepted",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+JOB_DURATION = Histogram(
+    "shoal_requester_job_duration_seconds",
+    "From submit to a terminal state",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+JOB_STAGE = Histogram(
+    "shoal_requester_job_stage_seconds",
+    "Time spent in one stage of a job (queued, bidding, running, verifying, publishing)",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+QUEUED_JOBS = Gauge("shoal_requester_queued_jobs", "Jobs waiting for capacity")
+LIVE_NODES = Gauge("shoal_requester_live_nodes", "Compute nodes sending heartbeats")
+NODES_LOST = Counter("shoal_requester_nodes_lost_total", "Compute nodes declared lost")
+EVENTS_HANDLED = Counter(
+    "shoal_requester_events_handled_total", "Lifecycle events handled, by type", ["type"]
+)

@@ -1,0 +1,64 @@
+"""Requester settings (environment prefix ``SHOAL_REQUESTER_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from shoal_common.protocol import NODE_LOST_AFTER_S
+from shoal_common.settings import ServiceSettings
+
+
+class RequesterSettings(ServiceSettings):
+    """Everything the requester can be tuned with; no global instance (pass it around)."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_REQUESTER_", extra="ignore")
+
+    node_id: str | None = "requester"
+
+    # --- API ---
+    # Requests above this are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(10 * 1024**2, gt=0)
+    # stdout/stderr returned by the API are cut at this many bytes (the reference system's
+    # MaxStdoutReturnLength); the full text stays in the published results.
+    max_output_bytes: int = Field(2048, ge=0)
+    # The publisher's content store, proxied at /api/v1/content (shoal get / shoal put).
+    publisher_url: str | None = None
+
+    # Client ids allowed to approve executions that nodes hold under their "wait" approval
+    # policy (POST /requester/approve). Empty: each job's owner approves its own.
+    approver_clients: list[str] = Field(default_factory=list)
+
+    # --- scheduling ---
+    # Nodes asked per placement = ceil(max(concurrency, min_bids) x over_ask). 1.0: the
+    # requester only asks nodes its own capacity accounting says are free, so bids are nearly
+    # always accepted, and a rare refusal costs one more round-trip to the next-ranked node;
+    # over-asking would double bid messages and node reservations for every job to save that.
+    over_ask: float = Field(1.0, ge=1.0)
+    # Replacement rounds after failed executions or refused bids (0 = never retry).
+    max_retries: int = Field(3, ge=0)
+    # How long a job may wait in Queued for a node with free capacity.
+    queue_timeout: float = Field(600.0, gt=0)
+    # Timeout given to jobs that ask for none (seconds; the reference system's default).
+    default_job_timeout: float = Field(1800.0, gt=0)
+    # Added to a job's own timeout before the requester gives up on it (the node enforces the
+    # timeout itself; this covers verification and publishing, and lost messages).
+    job_timeout_grace: float = Field(30.0, ge=0)
+    # How long to wait for one node's bid answer.
+    bid_timeout: float = Field(5.0, gt=0)
+    # Timeout of other node calls (bid decisions, cancel, logs).
+    rpc_timeout: float = Field(5.0, gt=0)
+    node_lost_after: float = Field(NODE_LOST_AFTER_S, gt=0)
+
+    # --- housekeeping ---
+    housekeeping_interval: float = Field(0.5, gt=0)
+    reconcile_interval: float = Field(5.0, gt=0)
+    # Jobs or executions untouched this long in a transient state are re-driven.
+    stuck_after: float = Field(30.0, gt=0)
+    # How often a node's last_seen is written to the database (it is live in memory).
+    node_persist_interval: float = Field(30.0, gt=0)
+
+    @field_validator("publisher_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value

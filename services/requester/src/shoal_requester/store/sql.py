@@ -1,0 +1,826 @@
+"""The requester's store on SQLAlchemy 2: SQLite (embedded default) or Postgres.
+
+Every query is a plain synchronous SQLAlchemy Core function on a ``Connection``; how it runs
+depends on the backend:
+
+* **Postgres**: on the asyncpg engine through ``AsyncConnection.run_sync`` (the driver is
+  natively async; concurrent writers are Postgres's business).
+* **SQLite**: on the stdlib driver in threads. An async SQLite driver hands every statement to
+  its thread and back; here a whole read, or a whole transaction, is one hand-off. All writes
+  go to one writer thread that commits whatever is queued in one transaction (group commit):
+  one fsync covers many transitions under load and writers never collide on the file lock. A
+  batch in which one change fails (a lost compare-and-set) is rolled back and its changes are
+  redone one by one, so only that change fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import sqlalchemy
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    bindparam,
+    event,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shoal_common.db import OutboxRelay, create_engine, is_sqlite, normalise_url, run_migrations
+from shoal_common.errors import Conflict, NotFound
+from shoal_common.events import Envelope, Event
+from shoal_common.spec import ExecutionStateType, JobHistoryType, JobStateType
+from shoal_requester.domain.model import (
+    Changes,
+    ExecutionRecord,
+    HistoryRecord,
+    JobQuery,
+    JobRecord,
+    NodeRecord,
+    history_for,
+)
+from shoal_requester.store.base import HistoryFanout, HistoryListener, Publish
+from shoal_requester.store.tables import (
+    executions,
+    history,
+    job_tags,
+    jobs,
+    nodes,
+    outbox,
+    processed_events,
+)
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# IN (...) lists are split so no backend hits its bound-parameter limit.
+_CHUNK = 500
+# Writes committed together at most (SQLite group commit).
+_MAX_BATCH = 256
+_READ_THREADS = 4
+
+T = TypeVar("T")
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+# --- rows <-> records ----------------------------------------------------------------------------
+
+
+def _job_row(job: JobRecord) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "client_id": job.client_id,
+        "job": _dumps(dict(job.job)),
+        "state": job.state.value,
+        "version": job.version,
+        "created": job.created,
+        "updated": job.updated,
+        "timeout_at": job.timeout_at,
+        "queue_deadline": job.queue_deadline,
+        "retries_used": job.retries_used,
+        "extra_executions": job.extra_executions,
+        "status": job.status,
+        "submit_key": job.submit_key,
+    }
+
+
+def _job(row: Row[Any]) -> JobRecord:
+    return JobRecord(
+        id=row.id,
+        client_id=row.client_id,
+        job=orjson.loads(row.job),
+        state=JobStateType(row.state),
+        version=row.version,
+        created=row.created,
+        updated=row.updated,
+        timeout_at=row.timeout_at,
+        queue_deadline=row.queue_deadline,
+        retries_used=row.retries_used,
+        extra_executions=row.extra_executions,
+        status=row.status,
+        submit_key=row.submit_key,
+    )
+
+
+def _execution_row(e: ExecutionRecord) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "job_id": e.job_id,
+        "node_id": e.node_id,
+        "state": e.state.value,
+        "version": e.version,
+        "accepted_ask_for_bid": e.accepted_ask_for_bid,
+        "status": e.status,
+        "run_output": _dumps(e.run_output),
+        "result_cid": e.result_cid,
+        "published": _dumps(e.published),
+        "verification": _dumps(e.verification),
+        "retryable": e.retryable,
+        "created": e.created,
+        "updated": e.updated,
+    }
+
+
+def _execution(row: Row[Any]) -> ExecutionRecord:
+    return ExecutionRecord(
+        id=row.id,
+        job_id=row.job_id,
+        node_id=row.node_id,
+        state=ExecutionStateType(row.state),
+        version=row.version,
+        accepted_ask_for_bid=bool(row.accepted_ask_for_bid),
+        status=row.status,
+        run_output=_loads(row.run_output),
+        result_cid=row.result_cid,
+        published=_loads(row.published),
+        verification=_loads(row.verification),
+        retryable=bool(row.retryable),
+        created=row.created,
+        updated=row.updated,
+    )
+
+
+def _history_row(h: HistoryRecord) -> dict[str, Any]:
+    return {
+        "job_id": h.job_id,
+        "type": h.type.value,
+        "execution_id": h.execution_id,
+        "node_id": h.node_id,
+        "previous": h.previous,
+        "new": h.new,
+        "version": h.version,
+        "comment": h.comment,
+        "time": h.time,
+    }
+
+
+def _history(row: Row[Any]) -> HistoryRecord:
+    return HistoryRecord(
+        seq=row.seq,
+        job_id=row.job_id,
+        type=JobHistoryType(row.type),
+        execution_id=row.execution_id,
+        node_id=row.node_id,
+        previous=row.previous,
+        new=row.new,
+        version=row.version,
+        comment=row.comment,
+        time=row.time,
+    )
+
+
+def _node(row: Row[Any]) -> NodeRecord:
+    return NodeRecord(
+        id=row.id,
+        info=orjson.loads(row.info),
+        state=row.state,
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        completed=row.completed,
+        failed=row.failed,
+        rejected=row.rejected,
+    )
+
+
+def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+# --- the queries (sync; see the module docstring for how they run) --------------------------------
+
+
+@dataclass
+class _Written:
+    """What one write produced, and what to announce once it is committed."""
+
+    result: Any
+    rows: list[HistoryRecord] = field(default_factory=list)
+    events: bool = False
+
+
+_Op = Callable[[Connection], _Written]
+
+
+# Hot-path statements are built once: constructing a SQLAlchemy statement and its cache key
+# costs more CPU than executing it, and these run several times per job.
+_JOB_FIELDS: tuple[str, ...] = (
+    "job",
+    "state",
+    "version",
+    "updated",
+    "timeout_at",
+    "queue_deadline",
+    "retries_used",
+    "extra_executions",
+    "status",
+)
+_EXECUTION_FIELDS: tuple[str, ...] = (
+    "node_id",
+    "state",
+    "version",
+    "accepted_ask_for_bid",
+    "status",
+    "run_output",
+    "result_cid",
+    "published",
+    "verification",
+    "retryable",
+    "updated",
+)
+
+_SELECT_JOB = select(jobs).where(jobs.c.id == bindparam("b_id"))
+_SELECT_BY_SUBMIT_KEY = select(jobs).where(jobs.c.submit_key == bindparam("b_key"))
+_SELECT_EXECUTION = select(executions).where(executions.c.id == bindparam("b_id"))
+_SELECT_JOB_EXECUTIONS = (
+    select(executions)
+    .where(executions.c.job_id == bindparam("b_job"))
+    .order_by(executions.c.created, executions.c.id)
+)
+_INSERT_JOB = insert(jobs)
+_INSERT_TAGS = insert(job_tags)
+_INSERT_EXECUTIONS = insert(executions)
+_INSERT_OUTBOX = insert(outbox)
+_INSERT_HISTORY_ONE = insert(history).returning(history.c.seq)
+_INSERT_HISTORY_MANY = insert(history).returning(history.c.seq, sort_by_parameter_order=True)
+_MARK_PROCESSED = {
+    "sqlite": sqlite_insert(processed_events).on_conflict_do_nothing(),
+    "postgresql": pg_insert(processed_events).on_conflict_do_nothing(),
+}
+# Compare-and-set: the row changes only if it is still at the (state, version) it was read at.
+_UPDATE_JOB = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("b_id"),
+        jobs.c.state == bindparam("b_state"),
+        jobs.c.version == bindparam("b_version"),
+    )
+    .values({jobs.c[f]: bindparam(f) for f in _JOB_FIELDS})
+)
+_UPDATE_EXECUTION = (
+    update(executions)
+    .where(
+        executions.c.id == bindparam("b_id"),
+        executions.c.state == bindparam("b_state"),
+        executions.c.version == bindparam("b_version"),
+    )
+    .values({executions.c[f]: bindparam(f) for f in _EXECUTION_FIELDS})
+)
+
+
+_SQLITE = sqlite_dialect.dialect(paramstyle="qmark")
+_SQLITE_SQL: dict[tuple[int, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+
+
+def _sqlite_value(value: Any) -> Any:
+    # What UTCDateTime + SQLAlchemy's SQLite DATETIME would store: naive UTC text.
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
+
+
+def _run(
+    conn: Connection,
+    stmt: Any,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    returning: bool = False,
+) -> tuple[int, list[Any]]:
+    """Execute a prebuilt write statement; (rowcount, RETURNING values).
+
+    On SQLite the statement goes straight to the driver (compiled once per set of keys):
+    SQLAlchemy's execution machinery costs several times the statement itself, and these
+    run a dozen times per job in the single writer thread. Elsewhere, through SQLAlchemy.
+    """
+    many = not isinstance(params, Mapping)
+    if conn.dialect.name != "sqlite":
+        result = conn.execute(stmt, params)
+        return result.rowcount, (list(result.scalars()) if returning else [])
+    rows: Sequence[Mapping[str, Any]] = [params] if isinstance(params, Mapping) else params
+    if not rows:
+        return 0, []
+    keys = tuple(rows[0])
+    cached = _SQLITE_SQL.get((id(stmt), keys))
+    if cached is None:
+        compiled = stmt.compile(dialect=_SQLITE, column_keys=list(keys))
+        cached = (str(compiled), tuple(compiled.positiontup or ()))
+        _SQLITE_SQL[(id(stmt), keys)] = cached
+    text, order = cached
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        values = [tuple(_sqlite_value(r[k]) for k in order) for r in rows]
+        if returning:
+            out = []
+            for v in values:
+                cursor.execute(text, v)
+                row = cursor.fetchone()
+                assert row is not None
+                out.append(row[0])
+            return len(out), out
+        if many:
+            cursor.executemany(text, values)
+        else:
+            cursor.execute(text, values[0])
+        return int(cursor.rowcount), []
+    finally:
+        cursor.close()
+
+
+def _find_job(conn: Connection, job_id: str) -> JobRecord | None:
+    row = conn.execute(_SELECT_JOB, {"b_id": job_id}).first()
+    return _job(row) if row is not None else None
+
+
+def _find_by_submit_key(conn: Connection, key: str) -> JobRecord | None:
+    row = conn.execute(_SELECT_BY_SUBMIT_KEY, {"b_key": key}).first()
+    return _job(row) if row is not None else None
+
+
+def _create_job(conn: Connection, job: JobRecord, first: HistoryRecord) -> _Written:
+    if job.submit_key is not None:
+        existing = _find_by_submit_key(conn, job.submit_key)
+        if existing is not None:
+            return _Written((existing, False))
+    _run(conn, _INSERT_JOB, _job_row(job))
+    tags = sorted(set(job.annotations))
+    if tags:
+        _run(conn, _INSERT_TAGS, [{"job_id": job.id, "tag": t} for t in tags])
+    _, [seq] = _run(conn, _INSERT_HISTORY_ONE, _history_row(first), returning=True)
+    return _Written((job, True), rows=[dataclasses.replace(first, seq=seq)])
+
+
+def _mark_processed(conn: Connection, event_id: str) -> bool:
+    """Record a handled event id in one statement; False if it was there already."""
+    values = {"event_id": event_id, "processed": time.time()}
+    count, _ = _run(conn, _MARK_PROCESSED[conn.dialect.name], values)
+    return count == 1
+
+
+def _stage_events(conn: Connection, events: Sequence[Event]) -> None:
+    """The outbox rows shoal_common.db.OutboxRelay publishes after commit."""
+    now = time.time()
+    _run(
+        conn,
+        _INSERT_OUTBOX,
+        [
+            {"event_id": env.id, "envelope": env.to_bytes(), "created": now}
+            for env in (Envelope.wrap(e) for e in events)
+        ],
+    )
+
+
+def _apply(conn: Connection, changes: Changes) -> _Written:
+    rows = history_for(changes)
+    if changes.processed_event is not None and not _mark_processed(conn, changes.processed_event):
+        return _Written(None)
+    for ju in changes.jobs:
+        row = _job_row(ju.after)
+        params = {f: row[f] for f in _JOB_FIELDS}
+        params.update(b_id=ju.before.id, b_state=ju.before.state.value, b_version=ju.before.version)
+        if _run(conn, _UPDATE_JOB, params)[0] != 1:
+            raise Conflict(f"job {ju.before.id} changed since it was read")
+    inserts = [_execution_row(eu.after) for eu in changes.executions if eu.before is None]
+    if inserts:
+        _run(conn, _INSERT_EXECUTIONS, inserts)
+    for eu in changes.executions:
+        if eu.before is None:
+            continue
+        row = _execution_row(eu.after)
+        params = {f: row[f] for f in _EXECUTION_FIELDS}
+        params.update(b_id=eu.before.id, b_state=eu.before.state.value, b_version=eu.before.version)
+        if _run(conn, _UPDATE_EXECUTION, params)[0] != 1:
+            raise Conflict(f"execution {eu.before.id} changed since it was read")
+    if rows:
+        statement = _INSERT_HISTORY_ONE if len(rows) == 1 else _INSERT_HISTORY_MANY
+        _, seqs = _run(conn, statement, [_history_row(h) for h in rows], returning=True)
+        rows = [dataclasses.replace(h, seq=s) for h, s in zip(rows, seqs, strict=True)]
+    if changes.events:
+        _stage_events(conn, changes.events)
+    return _Written(rows, rows=rows, events=bool(changes.events))
+
+
+def _upsert_node(conn: Connection, node: NodeRecord) -> _Written:
+    values = {
+        "info": _dumps(dict(node.info)),
+        "state": node.state,
+        "last_seen": node.last_seen,
+        "completed": node.completed,
+        "failed": node.failed,
+        "rejected": node.rejected,
+    }
+    result = conn.execute(update(nodes).where(nodes.c.id == node.id).values(values))
+    if result.rowcount == 0:
+        conn.execute(insert(nodes).values(id=node.id, first_seen=node.first_seen, **values))
+    return _Written(None)
+
+
+def _list_jobs(conn: Connection, query: JobQuery) -> list[JobRecord]:
+    stmt = select(jobs)
+    if query.client_id is not None:
+        stmt = stmt.where(jobs.c.client_id == query.client_id)
+    if query.states:
+        stmt = stmt.where(jobs.c.state.in_([s.value for s in query.states]))
+    if query.include_tags:
+        stmt = stmt.where(
+            exists().where(job_tags.c.job_id == jobs.c.id, job_tags.c.tag.in_(query.include_tags))
+        )
+    if query.exclude_tags:
+        stmt = stmt.where(
+            ~exists().where(job_tags.c.job_id == jobs.c.id, job_tags.c.tag.in_(query.exclude_tags))
+        )
+    key = jobs.c.created if query.sort_by == "created_at" else jobs.c.id
+    order = [key.desc(), jobs.c.id.desc()] if query.reverse else [key.asc(), jobs.c.id.asc()]
+    stmt = stmt.order_by(*order)
+    if query.limit > 0:
+        stmt = stmt.limit(query.limit)
+    return [_job(r) for r in conn.execute(stmt).all()]
+
+
+def _list_executions(conn: Connection, job_ids: Sequence[str]) -> dict[str, list[ExecutionRecord]]:
+    out: dict[str, list[ExecutionRecord]] = {j: [] for j in job_ids}
+    if len(out) == 1:
+        [job_id] = out
+        rows = conn.execute(_SELECT_JOB_EXECUTIONS, {"b_job": job_id}).all()
+        out[job_id] = [_execution(r) for r in rows]
+        return out
+    for chunk in _chunks(list(dict.fromkeys(job_ids))):
+        result = conn.execute(
+            select(executions)
+            .where(executions.c.job_id.in_(chunk))
+            .order_by(executions.c.created, executions.c.id)
+        )
+        for row in result.all():
+            out[row.job_id].append(_execution(row))
+    return out
+
+
+def _sqlite_engine(url: str) -> Engine:
+    """The stdlib driver with the pragmas of shoal_common.db.create_engine (durable commits)."""
+    sync_url = make_url(normalise_url(url)).set(drivername="sqlite+pysqlite")
+    path = sync_url.database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sqlalchemy.create_engine(
+        sync_url,
+        connect_args={"timeout": 30, "check_same_thread": False},
+        pool_size=_READ_THREADS + 1,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL + synchronous=FULL: every commit is fsynced (a 2xx survives kill -9 and power
+        # loss); WAL lets readers run beside the single writer.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+class SqlRequesterStore:
+    """:class:`~shoal_requester.store.base.RequesterStore` on SQLite or Postgres."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self._url = url
+        self._migrate = migrate
+        self._sqlite = is_sqlite(url)
+        self._fanout = HistoryFanout()
+        self._relay: OutboxRelay | None = None
+        # Postgres: the asyncpg engine. SQLite: the async engine serves the outbox relay only.
+        self._engine: AsyncEngine | None = None
+        # SQLite only:
+        self._sync: Engine | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_conn: Connection | None = None
+        self._queue: list[tuple[_Op, asyncio.Future[_Written]]] = []
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        if self._migrate:
+            await asyncio.to_thread(run_migrations, self._url, MIGRATIONS)
+        self._engine = create_engine(self._url)
+        if self._sqlite:
+            self._sync = _sqlite_engine(self._url)
+            self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="requester-db")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="requester-db-writer")
+            self._writer_task = asyncio.create_task(self._write_loop(), name="requester-db-writer")
+
+    async def close(self) -> None:
+        await self.stop_outbox()
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        for _op, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(RuntimeError("store closed"))
+        self._queue.clear()
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._close_writer)
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
+        if self._sync is not None:
+            self._sync.dispose()
+            self._sync = None
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("store not open")
+        return self._engine
+
+    # --- running queries -------------------------------------------------------------------
+
+    async def _read(self, query: Callable[[Connection], T]) -> T:
+        if not self._sqlite:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(query)
+        if self._readers is None or self._sync is None:
+            raise RuntimeError("store not open")
+        engine = self._sync
+
+        def run() -> T:
+            with engine.connect() as conn:
+                return query(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    async def _write(self, op: _Op) -> Any:
+        if not self._sqlite:
+            async with self.engine.begin() as conn:
+                written = await conn.run_sync(op)
+            self._announce(written)
+            return written.result
+        if self._writer_task is None:
+            raise RuntimeError("store not open")
+        fut: asyncio.Future[_Written] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, fut))
+        self._wake.set()
+        return (await fut).result
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._writer is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = [(op, fut) for op, fut in self._queue[:_MAX_BATCH] if not fut.done()]
+                del self._queue[:_MAX_BATCH]
+                if not batch:
+                    continue
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._writer, self._commit, [op for op, _ in batch]
+                    )
+                except asyncio.CancelledError:
+                    for _op, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(RuntimeError("store closed"))
+                    raise
+                except Exception as exc:  # the batch could not run at all (disk, driver)
+                    outcomes = [exc] * len(batch)
+                for (_op, fut), outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        if not fut.done():
+                            fut.set_exception(outcome)
+                        continue
+                    self._announce(outcome)
+                    if not fut.done():
+                        fut.set_result(outcome)
+
+    def _commit(self, ops: list[_Op]) -> list[_Written | BaseException]:
+        """In the writer thread: all ops in one transaction, or each on its own if one fails."""
+        if self._writer_conn is None:
+            assert self._sync is not None
+            self._writer_conn = self._sync.connect()
+        conn = self._writer_conn
+        try:
+            with conn.begin():
+                return [op(conn) for op in ops]
+        except Exception as exc:
+            if len(ops) == 1:
+                return [exc]
+        outcomes: list[_Written | BaseException] = []
+        for op in ops:
+            try:
+                with conn.begin():
+                    outcomes.append(op(conn))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _close_writer(self) -> None:
+        if self._writer_conn is not None:
+            self._writer_conn.close()
+            self._writer_conn = None
+
+    def _announce(self, written: _Written) -> None:
+        if written.events and self._relay is not None:
+            self._relay.notify()
+        self._fanout.notify(written.rows)
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def create_job(
+        self, job: JobRecord, *, comment: str = "Job created"
+    ) -> tuple[JobRecord, bool]:
+        first = HistoryRecord(
+            job_id=job.id,
+            type=JobHistoryType.JOB_LEVEL,
+            new=job.state.value,
+            version=job.version,
+            time=job.created,
+            comment=comment,
+        )
+        try:
+            result: tuple[JobRecord, bool] = await self._write(
+                lambda conn: _create_job(conn, job, first)
+            )
+        except IntegrityError:
+            # Another request with the same signed payload won the race: answer with its job.
+            if job.submit_key is None:
+                raise
+            existing = await self.find_job_by_submit_key(job.submit_key)
+            if existing is None:
+                raise
+            return existing, False
+        return result
+
+    async def apply(self, changes: Changes) -> list[HistoryRecord] | None:
+        result: list[HistoryRecord] | None = await self._write(lambda conn: _apply(conn, changes))
+        return result
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def find_job(self, job_id: str) -> JobRecord | None:
+        return await self._read(lambda conn: _find_job(conn, job_id))
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        job = await self.find_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    async def find_job_by_submit_key(self, submit_key: str) -> JobRecord | None:
+        return await self._read(lambda conn: _find_by_submit_key(conn, submit_key))
+
+    async def find_job_ids(self, prefix: str, *, limit: int = 2, suffix: bool = False) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = "%" + escaped if suffix else escaped + "%"
+
+        def query(conn: Connection) -> list[str]:
+            result = conn.execute(
+                select(jobs.c.id)
+                .where(jobs.c.id.like(pattern, escape="\\"))
+                .order_by(jobs.c.id)
+                .limit(limit)
+            )
+            return list(result.scalars())
+
+        return await self._read(query)
+
+    async def list_jobs(self, query: JobQuery) -> list[JobRecord]:
+        return await self._read(lambda conn: _list_jobs(conn, query))
+
+    async def list_jobs_in_states(
+        self,
+        states: Sequence[JobStateType],
+        *,
+        updated_before: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[JobRecord]:
+        stmt = select(jobs).where(jobs.c.state.in_([s.value for s in states]))
+        if updated_before is not None:
+            stmt = stmt.where(jobs.c.updated < updated_before)
+        stmt = stmt.order_by(jobs.c.created, jobs.c.id).limit(limit)
+        return await self._read(lambda conn: [_job(r) for r in conn.execute(stmt).all()])
+
+    async def list_expired_jobs(self, now: datetime, *, limit: int = 1000) -> list[JobRecord]:
+        stmt = (
+            select(jobs)
+            .where(
+                or_(
+                    and_(
+                        jobs.c.timeout_at <= now,
+                        jobs.c.state.in_(
+                            [JobStateType.IN_PROGRESS.value, JobStateType.QUEUED.value]
+                        ),
+                    ),
+                    and_(jobs.c.queue_deadline <= now, jobs.c.state == JobStateType.QUEUED.value),
+                )
+            )
+            .order_by(jobs.c.created)
+            .limit(limit)
+        )
+        return await self._read(lambda conn: [_job(r) for r in conn.execute(stmt).all()])
+
+    async def find_execution(self, execution_id: str) -> ExecutionRecord | None:
+        def query(conn: Connection) -> ExecutionRecord | None:
+            row = conn.execute(_SELECT_EXECUTION, {"b_id": execution_id}).first()
+            return _execution(row) if row is not None else None
+
+        return await self._read(query)
+
+    async def list_executions(self, job_ids: Sequence[str]) -> dict[str, list[ExecutionRecord]]:
+        if not job_ids:
+            return {}
+        return await self._read(lambda conn: _list_executions(conn, job_ids))
+
+    async def list_executions_in_states(
+        self,
+        states: Sequence[ExecutionStateType],
+        *,
+        node_ids: Sequence[str] | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 10_000,
+    ) -> list[ExecutionRecord]:
+        stmt = select(executions).where(executions.c.state.in_([s.value for s in states]))
+        if node_ids is not None:
+            if not node_ids:
+                return []
+            stmt = stmt.where(executions.c.node_id.in_(list(node_ids)))
+        if updated_before is not None:
+            stmt = stmt.where(executions.c.updated < updated_before)
+        stmt = stmt.order_by(executions.c.created).limit(limit)
+        return await self._read(lambda conn: [_execution(r) for r in conn.execute(stmt).all()])
+
+    async def list_history(
+        self,
+        job_id: str,
+        *,
+        since: datetime | None = None,
+        types: Sequence[JobHistoryType] | None = None,
+    ) -> list[HistoryRecord]:
+        stmt = select(history).where(history.c.job_id == job_id)
+        if since is not None:
+            stmt = stmt.where(history.c.time >= since)
+        if types is not None:
+            stmt = stmt.where(history.c.type.in_([t.value for t in types]))
+        stmt = stmt.order_by(history.c.seq)
+        return await self._read(lambda conn: [_history(r) for r in conn.execute(stmt).all()])
+
+    # --- nodes -----------------------------------------------------------------------------
+
+    async def upsert_node(self, node: NodeRecord) -> None:
+        await self._write(lambda conn: _upsert_node(conn, node))
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        stmt = select(nodes).order_by(nodes.c.id)
+        return await self._read(lambda conn: [_node(r) for r in conn.execute(stmt)])
+
+    # --- fan-out and outbox ----------------------------------------------------------------
+
+    def subscribe_history(self, listener: HistoryListener) -> Callable[[], None]:
+        return self._fanout.subscribe(listener)
+
+    async def start_outbox(self, publish: Publish) -> None:
+        self._relay = OutboxRelay(self.engine, outbox, publish, service="requester")
+        self._relay.start()
+        self._relay.notify()  # events committed before a restart go out at once
+
+    async def stop_outbox(self) -> None:
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None

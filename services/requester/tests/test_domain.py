@@ -1,0 +1,387 @@
+"""Pure domain rules: output truncation, transitions, out-of-order and duplicate events,
+matching and ranking, the inventory's capacity accounting, submit validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from shoal_common.errors import Conflict, InvalidInput
+from shoal_common.events import (
+    Envelope,
+    ExecutionFailed,
+    ResultAccepted,
+    ResultProposed,
+    ResultPublished,
+)
+from shoal_common.protocol import Capacity, Heartbeat
+from shoal_common.spec import (
+    ExecutionStateType,
+    JobStateType,
+    LabelSelector,
+    RunOutput,
+    StorageSpec,
+    utcnow,
+)
+from shoal_requester.domain import lifecycle
+from shoal_requester.domain.inventory import LOST, PRESUMED, Inventory
+from shoal_requester.domain.matching import misfit, rendezvous, requirements, split_selectors
+from shoal_requester.domain.model import Changes, advance, history_for, new_execution_update
+from shoal_requester.domain.validation import validate_submit
+from shoal_requester.store.memory import MemoryRequesterStore
+from shoal_requester.testing import GiB, harness, make_execution, make_job, make_spec, node_info
+
+ES = ExecutionStateType
+
+
+# --- behaviour 12: truncation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "truncated"), [(2047, False), (2048, False), (2049, True), (0, False)]
+)
+def test_12_output_truncated_above_the_maximum(size: int, truncated: bool) -> None:
+    out = lifecycle.truncate_output({"stdout": "a" * size, "stderr": "b" * size}, 2048)
+    assert out is not None
+    assert out["stdouttruncated"] is truncated
+    assert out["stderrtruncated"] is truncated
+    assert len(out["stdout"]) == min(size, 2048)
+
+
+def test_truncation_never_splits_a_character_and_keeps_node_flags() -> None:
+    out = lifecycle.truncate_output({"stdout": "é" * 3, "stdouttruncated": False}, 5)
+    assert out is not None
+    assert out["stdout"] == "éé"
+    assert out["stdouttruncated"] is True
+    kept = lifecycle.truncate_output({"stdout": "x", "stderrtruncated": True}, 5)
+    assert kept is not None
+    assert kept["stderrtruncated"] is True
+    assert lifecycle.truncate_output(None, 5) is None
+
+
+# --- transitions --------------------------------------------------------------------------------
+
+
+def _running() -> Any:
+    return make_execution(make_job(), state=ES.BID_ACCEPTED)
+
+
+def test_out_of_order_events_fill_in_the_stages() -> None:
+    ex = _running()
+    now = utcnow()
+    # The publisher's event arrives first: every stage up to Completed is recorded.
+    published = lifecycle.on_result_published(ex, published={"CID": "Qm1"}, now=now)
+    assert published is not None
+    assert [s for s, _ in published.steps] == [
+        ES.WAITING_VERIFICATION,
+        ES.RESULT_ACCEPTED,
+        ES.COMPLETED,
+    ]
+    assert published.after.version == ex.version + 3
+    assert published.after.result_cid == "Qm1"
+    # The proposal, late, only adds its run output; acceptance changes nothing.
+    late = lifecycle.on_result_proposed(
+        published.after,
+        result_cid="Qm1",
+        run_output={"stdout": "hi"},
+        now=now,
+        max_output_bytes=10,
+    )
+    assert late is not None
+    assert late.steps == ()
+    assert late.after.state is ES.COMPLETED
+    assert late.after.run_output is not None
+    assert late.after.run_output["stdout"] == "hi"
+    assert lifecycle.on_result_accepted(late.after, result_cid="Qm1", now=now) is None
+    rows = history_for(Changes(executions=[published]))
+    assert [r.version for r in rows] == [2, 3, 4]
+
+
+def test_28_decisions_on_unknown_or_finished_executions_change_nothing() -> None:
+    ex = _running()
+    now = utcnow()
+    done = lifecycle.end_execution(ex, ES.CANCELLED, "cancelled", now=now)
+    assert done is not None
+    cancelled = done.after
+    # Nothing moves a terminal execution: not a late result, a failure or a second cancel.
+    assert (
+        lifecycle.on_result_proposed(
+            cancelled, result_cid="Qm", run_output=None, now=now, max_output_bytes=10
+        )
+        is None
+    )
+    assert lifecycle.on_result_accepted(cancelled, result_cid="Qm", now=now) is None
+    assert lifecycle.on_result_rejected(cancelled, reason="x", now=now) is None
+    assert lifecycle.on_result_published(cancelled, published={}, now=now) is None
+    assert lifecycle.end_execution(cancelled, ES.FAILED, "x", now=now) is None
+    with pytest.raises(ValueError, match="last step"):
+        new_execution_update(ex, [(ES.ASK_FOR_BID, "")])
+
+
+async def test_28_bid_decisions_for_unknown_or_moved_executions_are_refused() -> None:
+    store = MemoryRequesterStore()
+    job, _ = await store.create_job(make_job())
+    ex = make_execution(job, state=ES.BID_ACCEPTED)
+    # Accepting a bid of an execution the store does not have: an error, nothing written.
+    accept = advance(ex, [(ES.BID_ACCEPTED, "bid accepted")], now=utcnow())
+    with pytest.raises(Conflict):
+        await store.apply(Changes(executions=[accept]))
+    assert await store.find_execution(ex.id) is None
+    # Rejecting one that has moved on since it was read: an error, no state change.
+    await store.apply(Changes(executions=[new_execution_update(ex, [(ES.BID_ACCEPTED, "")])]))
+    stored = await store.find_execution(ex.id)
+    assert stored is not None
+    moved = advance(stored, [(ES.WAITING_VERIFICATION, "")], now=utcnow())
+    await store.apply(Changes(executions=[moved]))
+    late_reject = advance(stored, [(ES.BID_REJECTED, "too late")], now=utcnow())
+    with pytest.raises(Conflict):
+        await store.apply(Changes(executions=[late_reject]))
+    after = await store.find_execution(ex.id)
+    assert after is not None
+    assert after.state is ES.WAITING_VERIFICATION
+
+
+async def test_28_events_for_unknown_executions_are_ignored() -> None:
+    async with harness() as h:
+        await h.node("n")
+        job_id = await h.submit()
+        await h.wait_state(job_id)
+        before = list(h.store.history)
+        for evt in (
+            ResultProposed(
+                job_id=job_id,
+                execution_id="nope",
+                node_id="n",
+                result_cid="Qm",
+                run_output=RunOutput(),
+            ),
+            ExecutionFailed(job_id="other", execution_id="nope", node_id="n", error="x"),
+        ):
+            await h.service.orchestrator.handle_event(evt, event_id=Envelope.wrap(evt).id)
+        assert h.store.history == before
+
+
+async def test_redelivered_events_change_nothing() -> None:
+    async with harness(verifier=False) as h:
+        await h.node("n", run="hang")
+        job_id = await h.submit()
+        [ex] = await _wait_running(h, job_id)
+        accepted = ResultAccepted(job_id=job_id, execution_id=ex.id, node_id="n", result_cid="Q")
+        env = Envelope.wrap(accepted)
+        for _ in range(3):
+            await h.service.orchestrator.handle_event(accepted, event_id=env.id)
+        published = ResultPublished(
+            job_id=job_id, execution_id=ex.id, node_id="n", result=StorageSpec(CID="Q")
+        )
+        pub_env = Envelope.wrap(published)
+        for _ in range(2):
+            await h.service.orchestrator.handle_event(published, event_id=pub_env.id)
+        job = await h.wait_state(job_id)
+        assert job.state is JobStateType.COMPLETED
+        news = Counter(r.new for r in await h.history(job_id))
+        assert news["ResultAccepted"] == 1
+        assert news["Completed"] == 2  # the execution and the job, once each
+
+
+async def _wait_running(h: Any, job_id: str) -> list[Any]:
+    from shoal_common.testing import wait_for
+
+    async def probe() -> list[Any] | None:
+        execs = await h.executions(job_id)
+        return execs if execs and execs[0].state is ES.BID_ACCEPTED else None
+
+    return await wait_for(probe)
+
+
+def test_job_outcome_rules() -> None:
+    job = make_job(spec=make_spec(Deal={"Concurrency": 2}))
+    completed = make_execution(job, state=ES.COMPLETED)
+    failed = make_execution(job, state=ES.FAILED, status="boom")
+    running = make_execution(job, state=ES.BID_ACCEPTED)
+    t = lifecycle.tally
+    assert lifecycle.outcome(job, t([completed, completed]), can_place_more=True) == (
+        lifecycle.Outcome(JobStateType.COMPLETED, "")
+    )
+    assert lifecycle.outcome(job, t([completed, running]), can_place_more=False) is None
+    assert lifecycle.outcome(job, t([completed, failed]), can_place_more=True) is None
+    partial = lifecycle.outcome(job, t([completed, failed]), can_place_more=False)
+    assert partial is not None
+    assert partial.state is JobStateType.COMPLETED_PARTIALLY
+    error = lifecycle.outcome(job, t([failed]), can_place_more=False)
+    assert error is not None
+    assert error.state is JobStateType.ERROR
+    assert "boom" in error.status
+    # A failure the node calls permanent is not replaced: it counts towards the deal.
+    permanent = failed.evolve(retryable=False)
+    assert lifecycle.tally([permanent, completed]).needed(job) == 0
+
+
+# --- matching and ranking ------------------------------------------------------------------------
+
+
+def _req(**spec: Any) -> Any:
+    s = make_spec(**spec)
+    return requirements(s, client_id="c", resources=Capacity(cpu=0.1, memory=100))
+
+
+def test_misfit_reasons() -> None:
+    info = node_info("n", labels={"env": "prod"}, timeout_max=100)
+    assert misfit(info, _req()) is None
+    assert misfit(info.model_copy(update={"engines": []}), _req()) == "engine Noop not available"
+    no_ipfs = info.model_copy(update={"storage_sources": []})
+    got = misfit(no_ipfs, _req(inputs=[{"CID": "Qm", "path": "/in"}]))
+    assert got == "storage source IPFS not supported"
+    assert "publisher" in (misfit(info.model_copy(update={"publishers": []}), _req()) or "")
+    assert "verifier" in (misfit(info.model_copy(update={"verifiers": []}), _req()) or "")
+    selector = [{"Key": "env", "Operator": "=", "Values": ["test"]}]
+    assert misfit(info, _req(NodeSelectors=selector)) == "label selector env=test not matched"
+    assert "above the node's maximum" in (misfit(info, _req(Timeout=101)) or "")
+    bypass = info.model_copy(update={"bypass_clients": ["c"]})
+    assert misfit(bypass, _req(Timeout=101)) is None
+    arch = [{"Key": "arch", "Operator": "=", "Values": ["arm64"]}]
+    assert misfit(info, _req(NodeSelectors=arch)) is not None
+    assert misfit(info.model_copy(update={"arch": "arm64"}), _req(NodeSelectors=arch)) is None
+    big = requirements(make_spec(), client_id="c", resources=Capacity(cpu=64, memory=1))
+    assert "more resources" in (misfit(info, big) or "")
+
+
+def test_favour_selectors_are_preferences() -> None:
+    hard, soft = split_selectors(
+        [
+            LabelSelector.model_validate({"Key": "favour_env", "Operator": "=", "Values": ["a"]}),
+            LabelSelector.model_validate({"Key": "zone", "Operator": "exists"}),
+        ]
+    )
+    assert [s.key for s in hard] == ["zone"]
+    assert [s.key for s in soft] == ["env"]
+
+
+def test_rendezvous_spreads_jobs_and_follows_weight() -> None:
+    nodes = [f"node-{i}" for i in range(4)]
+    wins = Counter(max(nodes, key=lambda n: rendezvous(f"job-{j}", n, 1.0)) for j in range(4000))
+    assert all(800 < wins[n] < 1200 for n in nodes)
+    weights = {"node-0": 3.0, "node-1": 1.0, "node-2": 1.0, "node-3": 1.0}
+    weighted = Counter(
+        max(nodes, key=lambda n: rendezvous(f"job-{j}", n, weights[n])) for j in range(4000)
+    )
+    assert weighted["node-0"] > 1600
+    # Stable: the same job ranks nodes the same way every time.
+    assert rendezvous("job", "node-0", 1.0) == rendezvous("job", "node-0", 1.0)
+
+
+# --- inventory -----------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _beat(node_id: str, *, cpu_free: float, seq: int = 1, stopping: bool = False) -> Heartbeat:
+    info = node_info(node_id, cpu=4, available=Capacity(cpu=cpu_free, memory=8 * GiB))
+    return Heartbeat(info=info, seq=seq, sent_at=0.0, stopping=stopping)
+
+
+def test_inventory_capacity_accounting() -> None:
+    inv = Inventory(lost_after=3.5, clock=_Clock())
+    first = inv.observe(_beat("n", cpu_free=4))
+    assert (first.new, first.changed) == (True, True)
+    node = inv.get("n")
+    assert node is not None
+    need = Capacity(cpu=1, memory=GiB)
+    inv.hold("n", "e1", need)
+    inv.hold("n", "e1", need)  # idempotent
+    inv.hold("n", "e2", need)
+    assert node.free.cpu == 2
+    # A release before the next heartbeat takes back what was placed since the last one.
+    assert inv.release("e2")
+    assert node.free.cpu == 3
+    # The next heartbeat reports e1 as used; releasing it afterwards adds it back.
+    seen = inv.observe(_beat("n", cpu_free=3, seq=2))
+    assert not seen.changed
+    assert node.free.cpu == 3
+    inv.release("e1")
+    assert node.free.cpu == 4
+    assert not inv.release("e1")
+    assert inv.observe(_beat("n", cpu_free=4, seq=3)).more_free is False
+
+
+def test_inventory_loss_and_revival() -> None:
+    clock = _Clock()
+    inv = Inventory(lost_after=3.5, clock=clock)
+    inv.observe(_beat("a", cpu_free=4))
+    clock.now = 3.0
+    inv.observe(_beat("b", cpu_free=4))
+    clock.now = 4.0
+    assert [n.id for n in inv.expire()] == ["a"]
+    assert inv.expire() == []
+    assert [n.id for n in inv.schedulable()] == ["b"]
+    back = inv.observe(_beat("a", cpu_free=4, seq=9))
+    assert back.new
+    assert back.more_free
+    stopping = inv.observe(_beat("b", cpu_free=4, seq=2, stopping=True))
+    assert stopping.changed
+    assert [n.id for n in inv.schedulable()] == ["a"]
+    assert inv.live_count() == 1
+
+
+def test_inventory_loads_persisted_nodes_as_presumed() -> None:
+    clock = _Clock()
+    inv = Inventory(lost_after=3.5, clock=clock)
+    inv.observe(_beat("a", cpu_free=4))
+    record = inv.get("a")
+    assert record is not None
+    fresh = Inventory(lost_after=3.5, clock=clock)
+    gone = dataclasses.replace(record.record(), id="gone", state=LOST)
+    fresh.load([record.record(), gone])
+    loaded = fresh.get("a")
+    assert loaded is not None
+    assert loaded.state == PRESUMED
+    assert fresh.get("gone") is None
+    clock.now = 10
+    assert [n.id for n in fresh.expire()] == ["a"]
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _payload(**spec: Any) -> dict[str, Any]:
+    from shoal_common.spec import to_wire
+
+    return {"APIVersion": "V1beta1", "ClientID": "c", "Spec": to_wire(make_spec(**spec))}
+
+
+def test_normalisation_makes_defaults_explicit() -> None:
+    payload = _payload(Timeout=0, Deal={"MinBids": 1}, PublisherSpec=None, Publisher="ipfs")
+    payload["Spec"].pop("Verifier")
+    _parsed, spec, resources = validate_submit(payload, default_timeout=1800)
+    assert spec.timeout == 1800
+    assert spec.deal is not None
+    assert spec.deal.concurrency == 1
+    assert spec.publisher_spec is not None
+    assert spec.publisher_spec.type == spec.publisher
+    assert spec.verifier is not None
+    assert spec.verifier.value == "Noop"
+    assert resources.cpu == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"NodeSelectors": [{"Key": "n", "Operator": "gt", "Values": ["x"]}]}, "integer"),
+        ({"NodeSelectors": [{"Key": "n", "Operator": "exists", "Values": ["x"]}]}, "no values"),
+        ({"NodeSelectors": [{"Key": "n", "Operator": "=", "Values": []}]}, "exactly one"),
+        ({"NodeSelectors": [{"Key": "favour_", "Operator": "=", "Values": ["a"]}]}, "Key"),
+        ({"Network": {"Type": "None", "Domains": ["a.com"]}}, "only be used with"),
+        ({"Engine": "Wasm"}, "EntryModule is required"),
+    ],
+)
+def test_validation_messages(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        validate_submit(_payload(**spec), default_timeout=60)

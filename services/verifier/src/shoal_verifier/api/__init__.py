@@ -1,0 +1,1 @@
+"""HTTP routes of the verifier (operators' view of a job's verification)."""

@@ -1,0 +1,1 @@
+"""Verification logic: records and rules, free of I/O."""

@@ -1,0 +1,1 @@
+"""Bus consumers: decode the envelope, hand the typed event to the coordinator."""

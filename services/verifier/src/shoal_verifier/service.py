@@ -1,0 +1,152 @@
+"""The verifier service: consumes proposals and plans, decides, emits decisions via its outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from fastapi import FastAPI
+
+from shoal_common import tracing
+from shoal_common.bus import Bus, EventHandler, NatsBus
+from shoal_common.commitments import VerifierKey, VerifierKeyAnswer
+from shoal_common.errors import Unavailable
+from shoal_common.events import Envelope, ExecutionsPlanned, ResultProposed
+from shoal_common.subjects import VERIFIER_KEY, Producer
+from shoal_verifier.app import create_app
+from shoal_verifier.coordinator import Coordinator
+from shoal_verifier.domain.decide import Policy
+from shoal_verifier.handlers.events import plans_handler, proposals_handler
+from shoal_verifier.settings import VerifierSettings
+from shoal_verifier.store.base import Relay, VerifierStore
+from shoal_verifier.store.sql import SqlVerifierStore
+
+log = structlog.get_logger(__name__)
+
+
+class VerifierService:
+    """``VerifierService(settings, bus=...)``; ``await start()`` ... ``await stop()``.
+
+    With ``bus=None`` it connects its own :class:`NatsBus` to ``settings.nats_url``; with
+    ``store=None`` it opens its SQL store at ``settings.db_url("verifier")`` (SQLite under
+    ``state_dir`` unless ``database_url`` is set) and migrates it.
+    """
+
+    def __init__(
+        self,
+        settings: VerifierSettings,
+        *,
+        bus: Bus | None = None,
+        store: VerifierStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self._bus = bus
+        self._own_bus = bus is None
+        self.store: VerifierStore = store or SqlVerifierStore(settings.db_url("verifier"))
+        self._relay: Relay | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._key: VerifierKey | None = None
+        self.coordinator: Coordinator | None = None
+        self._running = False
+        self.app: FastAPI = create_app(self)
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError("the verifier is not started")
+        return self._bus
+
+    @property
+    def public_key(self) -> VerifierKey:
+        if self._key is None:
+            raise RuntimeError("the verifier is not started")
+        return self._key
+
+    async def ready(self) -> bool:
+        return self._running
+
+    async def start(self) -> None:
+        # Off (and free) unless OTEL_* asks for it; one tracer provider per service.
+        tracing.configure_tracing("verifier")
+        s = self.settings
+        if self._bus is None:
+            self._bus = await NatsBus.connect(s.nats_url, name="shoal-verifier")
+        await self.store.migrate()
+        self._key = VerifierKey.from_private_bytes(
+            await self.store.load_or_create_key(VerifierKey.generate().private_bytes())
+        )
+        self._relay = self.store.relay(self.bus.publish_event, poll_interval=s.relay_poll_interval)
+        self._relay.start()
+        self.coordinator = Coordinator(
+            self.store,
+            self._key,
+            policy=Policy(
+                max_escalations=s.max_escalations,
+                max_extra_executions=s.max_extra_executions,
+                require_sealed=s.require_sealed,
+            ),
+            decision_timeout=s.decision_timeout,
+            on_commit=self._relay.notify,
+        )
+        answer = VerifierKeyAnswer(
+            public_key=self._key.public.to_text(), key_id=self._key.public.key_id
+        ).to_bytes()
+
+        async def key_request(_: bytes) -> bytes:
+            return answer
+
+        await self.bus.serve(VERIFIER_KEY, key_request, queue="verifier")
+        self._running = True
+        await self.bus.consume_events(
+            producer=Producer.COMPUTE,
+            durable=s.durable_name,
+            handler=tracing.traced_handler(
+                "verifier", self._guard(proposals_handler(self.coordinator))
+            ),
+            event_types=[ResultProposed.type],
+        )
+        await self.bus.consume_events(
+            producer=Producer.REQUESTER,
+            durable=s.durable_name,
+            handler=tracing.traced_handler(
+                "verifier", self._guard(plans_handler(self.coordinator))
+            ),
+            event_types=[ExecutionsPlanned.type],
+        )
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="verifier-sweep")
+        log.info("verifier_started", key_id=self._key.public.key_id)
+
+    def _guard(self, handler: EventHandler) -> EventHandler:
+        """A shared bus keeps delivering after stop(): leave those messages for the next run."""
+
+        async def guarded(envelope: Envelope) -> None:
+            if not self._running:
+                raise Unavailable("the verifier is stopping")
+            await handler(envelope)
+
+        return guarded
+
+    async def _sweep_forever(self) -> None:
+        assert self.coordinator is not None
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.coordinator.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("verifier_sweep_failed", error=repr(exc))
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._relay:
+            await self._relay.stop()
+        if self._own_bus and self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+        await self.store.close()

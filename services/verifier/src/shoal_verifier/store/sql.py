@@ -1,0 +1,263 @@
+"""The verifier's store on SQLAlchemy 2 async: SQLite (embedded default) or Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shoal_common.db import (
+    OutboxRelay,
+    add_to_outbox,
+    create_engine,
+    mark_processed,
+    run_migrations,
+)
+from shoal_common.errors import Conflict
+from shoal_common.events import Envelope, Event
+from shoal_common.spec import VerifierType
+from shoal_verifier.domain.models import JobRecord, JobStatus, ProposalRecord, ProposalStatus
+from shoal_verifier.store import tables as t
+from shoal_verifier.store.base import Publish
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_KEY_NAME = "sealing"
+
+
+def _job_values(job: JobRecord) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "verifier": job.verifier.value,
+        "verifier_from_plan": job.verifier_from_plan,
+        "base": job.base,
+        "plan_expected": job.plan_expected,
+        "plan_time": job.plan_time,
+        "floor": job.floor,
+        "confidence": job.confidence,
+        "planned": dict(job.planned),
+        "escalations": job.escalations,
+        "extra_executions": job.extra_executions,
+        "status": job.status.value,
+        "accepted_cid": job.accepted_cid,
+        "reason": job.reason,
+        "round_started": job.round_started,
+        "version": job.version,
+        "created": job.created,
+        "updated": job.updated,
+    }
+
+
+def _job(row: RowMapping) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        verifier=VerifierType(row["verifier"]),
+        verifier_from_plan=bool(row["verifier_from_plan"]),
+        base=row["base"],
+        plan_expected=row["plan_expected"],
+        plan_time=row["plan_time"],
+        floor=row["floor"],
+        confidence=row["confidence"],
+        planned=dict(row["planned"] or {}),
+        escalations=row["escalations"],
+        extra_executions=row["extra_executions"],
+        status=JobStatus(row["status"]),
+        accepted_cid=row["accepted_cid"],
+        reason=row["reason"],
+        round_started=row["round_started"],
+        version=row["version"],
+        created=row["created"],
+        updated=row["updated"],
+    )
+
+
+def _proposal_values(p: ProposalRecord) -> dict[str, Any]:
+    return {
+        "execution_id": p.execution_id,
+        "job_id": p.job_id,
+        "node_id": p.node_id,
+        "result_cid": p.result_cid,
+        "received": p.received,
+        "status": p.status.value,
+        "reason": p.reason,
+        "invalid_reason": p.invalid_reason,
+        "sealed": p.sealed,
+        "publisher": dict(p.publisher),
+        "result_url": p.result_url,
+        "run_output": p.run_output,
+        "event_id": p.event_id,
+    }
+
+
+def _proposal(row: RowMapping) -> ProposalRecord:
+    return ProposalRecord(
+        execution_id=row["execution_id"],
+        job_id=row["job_id"],
+        node_id=row["node_id"],
+        result_cid=row["result_cid"],
+        received=row["received"],
+        status=ProposalStatus(row["status"]),
+        reason=row["reason"],
+        invalid_reason=row["invalid_reason"],
+        sealed=bool(row["sealed"]),
+        publisher=dict(row["publisher"] or {}),
+        result_url=row["result_url"],
+        run_output=row["run_output"],
+        event_id=row["event_id"],
+    )
+
+
+async def _find_job(conn: AsyncConnection, job_id: str) -> JobRecord | None:
+    row = (await conn.execute(select(t.jobs).where(t.jobs.c.job_id == job_id))).mappings().first()
+    return _job(row) if row else None
+
+
+async def _list_proposals(conn: AsyncConnection, job_id: str) -> list[ProposalRecord]:
+    rows = (
+        await conn.execute(
+            select(t.proposals)
+            .where(t.proposals.c.job_id == job_id)
+            .order_by(t.proposals.c.received, t.proposals.c.execution_id)
+        )
+    ).mappings()
+    return [_proposal(r) for r in rows]
+
+
+class SqlTx:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def mark_processed(self, event_id: str) -> bool:
+        return await mark_processed(self._conn, t.processed_events, event_id)
+
+    async def find_job(self, job_id: str) -> JobRecord | None:
+        return await _find_job(self._conn, job_id)
+
+    async def insert_job(self, job: JobRecord) -> None:
+        try:
+            async with self._conn.begin_nested():
+                await self._conn.execute(insert(t.jobs).values(**_job_values(job)))
+        except IntegrityError as exc:
+            raise Conflict(f"job {job.job_id} already exists") from exc
+
+    async def update_job(self, job: JobRecord, *, expected_version: int) -> None:
+        values = _job_values(job)
+        values["version"] = expected_version + 1
+        result = await self._conn.execute(
+            update(t.jobs)
+            .where(t.jobs.c.job_id == job.job_id, t.jobs.c.version == expected_version)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            raise Conflict(f"job {job.job_id} changed since it was read")
+        job.version = expected_version + 1
+
+    async def list_proposals(self, job_id: str) -> list[ProposalRecord]:
+        return await _list_proposals(self._conn, job_id)
+
+    async def find_proposal(self, execution_id: str) -> ProposalRecord | None:
+        row = (
+            (
+                await self._conn.execute(
+                    select(t.proposals).where(t.proposals.c.execution_id == execution_id)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        return _proposal(row) if row else None
+
+    async def insert_proposal(self, proposal: ProposalRecord) -> None:
+        try:
+            async with self._conn.begin_nested():
+                await self._conn.execute(insert(t.proposals).values(**_proposal_values(proposal)))
+        except IntegrityError as exc:
+            raise Conflict(f"execution {proposal.execution_id} already proposed") from exc
+
+    async def update_proposal(self, proposal: ProposalRecord) -> None:
+        await self._conn.execute(
+            update(t.proposals)
+            .where(t.proposals.c.execution_id == proposal.execution_id)
+            .values(**_proposal_values(proposal))
+        )
+
+    async def add_events(self, *events: Event) -> list[Envelope]:
+        return await add_to_outbox(self._conn, t.outbox, *events)
+
+
+class SqlVerifierStore:
+    """:class:`~shoal_verifier.store.base.VerifierStore` on a SQLAlchemy async engine."""
+
+    def __init__(self, url: str, *, engine: AsyncEngine | None = None) -> None:
+        self.url = url
+        self.engine = engine or create_engine(url)
+
+    async def migrate(self) -> None:
+        await asyncio.to_thread(run_migrations, self.url, MIGRATIONS)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlTx]:
+        async with self.engine.begin() as conn:
+            yield SqlTx(conn)
+
+    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> OutboxRelay:
+        return OutboxRelay(
+            self.engine, t.outbox, publish, service="verifier", poll_interval=poll_interval
+        )
+
+    async def find_job(self, job_id: str) -> JobRecord | None:
+        async with self.engine.connect() as conn:
+            return await _find_job(conn, job_id)
+
+    async def list_proposals(self, job_id: str) -> list[ProposalRecord]:
+        async with self.engine.connect() as conn:
+            return await _list_proposals(conn, job_id)
+
+    async def list_due_jobs(self, *, started_before: float, limit: int = 100) -> list[str]:
+        query = (
+            select(t.jobs.c.job_id)
+            .where(
+                t.jobs.c.status == JobStatus.OPEN.value,
+                t.jobs.c.verifier == VerifierType.DETERMINISTIC.value,
+                t.jobs.c.round_started.is_not(None),
+                t.jobs.c.round_started < started_before,
+            )
+            .order_by(t.jobs.c.round_started)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def load_or_create_key(self, candidate: bytes) -> bytes:
+        query = select(t.keys.c.private_key).where(t.keys.c.name == _KEY_NAME)
+        async with self.engine.begin() as conn:
+            found = (await conn.execute(query)).scalar()
+            if found is not None:
+                return bytes(found)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    insert(t.keys).values(
+                        name=_KEY_NAME, private_key=candidate, created=time.time()
+                    )
+                )
+            return candidate
+        except IntegrityError:
+            # Another replica stored its key first; everyone uses that one.
+            async with self.engine.connect() as conn:
+                return bytes((await conn.execute(query)).scalar_one())
+
+    async def outbox_size(self) -> int:
+        async with self.engine.connect() as conn:
+            count = await conn.execute(select(func.count()).select_from(t.outbox))
+            return int(count.scalar_one())
