@@ -1,13 +1,14 @@
 # The entry points. `make demo` and `make test` do all set-up on a fresh machine.
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+# Fallback: on a fresh machine `install` pip-installs uv, which may not be on PATH yet (pyenv shims).
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint typecheck check bench docker-setup postgres compose-smoke clean
 
 install: ## Create .venv with every package and tool (uv, locked)
-	@command -v uv >/dev/null 2>&1 || [ -x "$(UV)" ] || python3 -m pip install --quiet uv
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	@$(UV) sync --frozen --quiet --compile-bytecode
 	@# Byte-compile our own sources too: with PYTHONDONTWRITEBYTECODE set (as on CI machines),
 	@# every process would otherwise re-compile them at start (~5 s per service process).
