@@ -382,7 +382,9 @@ def test_gpu_jobs_share_the_declared_gpus(make_devstack: StackFactory, tmp_path:
         assert state.state.value == "Completed", comments(client, state.job_id)
         [done] = [e for e in state.executions if e.state.value == "Completed"]
         assert done.run_output is not None
-        start, end, devices = done.run_output.stdout.split()
+        fields = done.run_output.stdout.split()
+        assert len(fields) == 3, done.run_output
+        start, end, devices = fields
         assert devices == declared[done.node_id]
         spans.setdefault(done.node_id, []).append((float(start), float(end)))
     assert sorted(spans) == ["compute-0", "compute-1"]

@@ -33,6 +33,7 @@ from shoal_compute.executors.docker import (
     LABEL_EXECUTOR,
     LABEL_MANAGED,
     LABEL_NODE,
+    LABEL_NODE_HOME,
     DockerExecutor,
     _Demuxer,
     go_arch,
@@ -669,21 +670,35 @@ def test_go_arch() -> None:
 async def test_remove_leftovers_of_a_previous_process(
     docker_client: Any, test_images: None
 ) -> None:
-    labels = {LABEL_MANAGED: "true", LABEL_NODE: "node-leftover-test", LABEL_EXECUTOR: "old"}
-    stale = docker_client.api.create_container(IMAGE, entrypoint=["true"], labels=labels)["Id"]
-    other_node = docker_client.api.create_container(
-        IMAGE, entrypoint=["true"], labels={**labels, LABEL_NODE: "someone-else"}
-    )["Id"]
-    ex = DockerExecutor(go_arch(), node_id="node-leftover-test")
+    """Only this node's leftovers go: not another node's, nor those of a node with the same id
+    in another cluster on the same daemon (every devstack has a "compute-0")."""
+    labels = {
+        LABEL_MANAGED: "true",
+        LABEL_NODE: "node-leftover-test",
+        LABEL_NODE_HOME: "home-a",
+        LABEL_EXECUTOR: "old",
+    }
+
+    def create(**overrides: str) -> str:
+        found = docker_client.api.create_container(
+            IMAGE, entrypoint=["true"], labels={**labels, **overrides}
+        )
+        return str(found["Id"])
+
+    stale = create()
+    other_node = create(**{LABEL_NODE: "someone-else"})
+    other_cluster = create(**{LABEL_NODE_HOME: "home-b"})
+    ex = DockerExecutor(go_arch(), node_id="node-leftover-test", node_home="home-a")
     try:
         assert await ex.remove_leftovers() == 1
         with pytest.raises(docker.errors.NotFound):
             docker_client.api.inspect_container(stale)
-        docker_client.api.inspect_container(other_node)  # another node's: left alone
+        docker_client.api.inspect_container(other_node)  # left alone
+        docker_client.api.inspect_container(other_cluster)  # left alone
     finally:
-        docker_client.api.remove_container(other_node, force=True)
-        with contextlib.suppress(docker.errors.NotFound):
-            docker_client.api.remove_container(stale, force=True)
+        for container in (stale, other_node, other_cluster):
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.api.remove_container(container, force=True)
         await ex.close()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import time
@@ -326,6 +327,7 @@ class ComputeService:
             allow_networking=s.allow_networking,
             gpus=self._gpu_ids,
             node_id=self.node_id,
+            node_home=hashlib.sha256(str(s.state_dir.resolve()).encode()).hexdigest()[:16],
             gpu_devices=self._gpu_devices,
         )
 

@@ -52,6 +52,9 @@ LABEL_MANAGED = "shoal.managed"
 LABEL_EXECUTION = "shoal.execution_id"
 LABEL_EXECUTOR = "shoal.executor"  # one value per DockerExecutor instance, for close()
 LABEL_NODE = "shoal.node_id"
+# Node ids are only unique within a cluster (every devstack has a "compute-0"), so leftovers are
+# matched on the node's state directory too: one daemon can serve many clusters' nodes.
+LABEL_NODE_HOME = "shoal.node_home"
 
 # Docker's default capability set minus what a batch job has no business with (MKNOD, NET_RAW,
 # SETFCAP, SETPCAP, SYS_CHROOT, AUDIT_WRITE). What is kept lets ordinary images work: root
@@ -120,6 +123,7 @@ class DockerExecutor:
         client_factory: makes the ``docker.DockerClient`` (default ``docker.from_env``); called
             once, lazily, on a worker thread.
         node_id: labels containers so a restarted node can find its own leftovers.
+        node_home: a digest of the node's state directory, labelled alongside ``node_id``.
         cap_add: capabilities kept after dropping all of them.
         image_cache_ttl: seconds an image inspection is reused by ``check``.
         max_threads: size of the pool that runs the (short) blocking Docker API calls.
@@ -135,6 +139,7 @@ class DockerExecutor:
         client_factory: Callable[[], Any] = docker.from_env,
         *,
         node_id: str = "",
+        node_home: str = "",
         cap_add: Sequence[str] = DEFAULT_CAPABILITIES,
         image_cache_ttl: float = 5.0,
         max_threads: int = 16,
@@ -147,6 +152,7 @@ class DockerExecutor:
         self.allow_networking = allow_networking
         self.gpus = list(gpus)
         self.node_id = node_id
+        self.node_home = node_home
         self.instance_id = uuid.uuid4().hex[:16]
         self._client_factory = client_factory
         self._cap_add = list(cap_add)
@@ -312,7 +318,7 @@ class DockerExecutor:
         found = await self._call(
             api.containers,
             all=True,
-            filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self.node_id}"]},
+            filters={"label": [f"{LABEL_MANAGED}=true", *self._node_labels()]},
         )
         stale = [
             c["Id"]
@@ -321,6 +327,12 @@ class DockerExecutor:
         ]
         await asyncio.gather(*(self._call(_remove_container, api, cid) for cid in stale))
         return len(stale)
+
+    def _node_labels(self) -> list[str]:
+        found = [f"{LABEL_NODE}={self.node_id}"]
+        if self.node_home:
+            found.append(f"{LABEL_NODE_HOME}={self.node_home}")
+        return found
 
     # --- internals --------------------------------------------------------------------------
 
@@ -472,6 +484,8 @@ class DockerExecutor:
         }
         if self.node_id:
             labels[LABEL_NODE] = self.node_id
+        if self.node_home:
+            labels[LABEL_NODE_HOME] = self.node_home
         return {
             "image": image,
             # Like the reference system: the job's command replaces the image's entrypoint
