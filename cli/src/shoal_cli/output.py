@@ -52,12 +52,15 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
         "CPU FREE",
         "MEM FREE (GiB)",
         "RUNNING",
+        "DONE/FAILED/WRONG",
+        "REPUTATION",
         "LABELS",
         box=None,
     )
     for n in nodes:
         cap = n.get("capacity", {})
         avail, total = cap.get("available", {}), cap.get("total", {})
+        rep = n.get("reputation") or {}
         table.add_row(
             str(n.get("id", "")),
             str(n.get("state", "")),
@@ -66,9 +69,19 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
             f"{avail.get('cpu', 0):g}/{total.get('cpu', 0):g}",
             f"{avail.get('memory', 0) / 2**30:.1f}/{total.get('memory', 0) / 2**30:.1f}",
             str(n.get("running_executions", "")),
+            f"{rep.get('completed', 0)}/{rep.get('failed', 0)}/{rep.get('rejected', 0)}",
+            _reputation_cell(rep),
             ",".join(f"{k}={v}" for k, v in sorted(n.get("labels", {}).items())),
         )
     return table
+
+
+def _reputation_cell(rep: dict[str, Any]) -> str:
+    """The ranking factor, and a flag on nodes caught returning wrong results."""
+    if not rep:
+        return ""
+    weight = f"{float(rep.get('weight', 1.0)):.2f}"
+    return f"{weight} FLAGGED" if rep.get("flagged") else weight
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from shoal_requester.domain.model import (
     HistoryRecord,
     JobQuery,
     NodeRecord,
+    NodeStanding,
     advance,
     job_transition,
     new_execution_update,
@@ -335,13 +336,76 @@ async def test_nodes(store: RequesterStore) -> None:
             state="lost",
             first_seen=later,
             last_seen=later,
-            failed=2,
+            # Ignored: only apply() changes a node's standing.
+            standing=NodeStanding(failed=2),
         )
     )
     [got] = await store.list_nodes()
     assert got.first_seen == first
-    assert (got.state, got.info["arch"], got.failed, got.last_seen) == ("lost", "arm64", 2, later)
+    assert (got.state, got.info["arch"], got.last_seen) == ("lost", "arm64", later)
+    assert got.standing == NodeStanding()
     assert got.last_seen.tzinfo == UTC
+
+
+async def _run_to(
+    store: RequesterStore, node_id: str, steps: list[tuple[ES, str]], *, event: str | None = None
+) -> list[HistoryRecord] | None:
+    """Insert an execution on ``node_id`` and walk it through ``steps`` in one more change."""
+    job, _ = await store.create_job(make_job())
+    ex = make_execution(job, node_id)
+    await store.apply(Changes(executions=[new_execution_update(ex, [(ES.BID_ACCEPTED, "")])]))
+    [ex] = (await store.list_executions([job.id]))[job.id]
+    return await store.apply(
+        Changes(executions=[advance(ex, steps, now=utcnow())], processed_event=event)
+    )
+
+
+async def test_apply_counts_node_standing(store: RequesterStore) -> None:
+    """Accepted, rejected and (retryable) failed executions count for their node, in the
+    change that records them, once even if the event is delivered again."""
+    now = utcnow()
+    for node_id in ("good", "bad"):
+        await store.upsert_node(
+            NodeRecord(
+                id=node_id, info={"node_id": node_id}, state="live", first_seen=now, last_seen=now
+            )
+        )
+    verified = [(ES.WAITING_VERIFICATION, ""), (ES.RESULT_ACCEPTED, "")]
+    published = [*verified, (ES.COMPLETED, "")]
+    wrong = [(ES.WAITING_VERIFICATION, ""), (ES.RESULT_REJECTED, "wrong result")]
+    await _run_to(store, "good", published)
+    await _run_to(store, "good", verified)
+    await _run_to(store, "good", [(ES.FAILED, "node lost")])
+    assert await _run_to(store, "bad", wrong, event="ev-1") is not None
+    assert await _run_to(store, "bad", wrong, event="ev-1") is None  # a redelivery
+    await _run_to(store, "bad", wrong)
+    # Heartbeats rewrite the node's row: its standing survives them.
+    await store.upsert_node(
+        NodeRecord(id="bad", info={"node_id": "bad"}, state="live", first_seen=now, last_seen=now)
+    )
+    got = {n.id: n.standing for n in await store.list_nodes()}
+    assert (got["good"].completed, got["good"].failed, got["good"].rejected) == (2, 1, 0)
+    assert got["good"].last_rejected is None
+    assert (got["bad"].completed, got["bad"].failed, got["bad"].rejected) == (0, 0, 2)
+    assert got["bad"].last_rejected is not None
+    assert got["bad"].last_rejected >= now
+
+
+async def test_non_retryable_failures_do_not_count(store: RequesterStore) -> None:
+    """A job that fails everywhere (bad image, timeout) says nothing about the node."""
+    now = utcnow()
+    await store.upsert_node(
+        NodeRecord(id="n1", info={"node_id": "n1"}, state="live", first_seen=now, last_seen=now)
+    )
+    job, _ = await store.create_job(make_job())
+    ex = make_execution(job, "n1")
+    await store.apply(Changes(executions=[new_execution_update(ex, [(ES.BID_ACCEPTED, "")])]))
+    [ex] = (await store.list_executions([job.id]))[job.id]
+    await store.apply(
+        Changes(executions=[advance(ex, [(ES.FAILED, "bad")], now=utcnow(), retryable=False)])
+    )
+    [got] = await store.list_nodes()
+    assert got.standing == NodeStanding()
 
 
 async def test_outbox_relays_committed_events(store: RequesterStore) -> None:

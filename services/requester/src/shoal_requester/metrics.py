@@ -31,6 +31,11 @@ JOB_STAGE = Histogram(
 QUEUED_JOBS = Gauge("shoal_requester_queued_jobs", "Jobs waiting for capacity")
 LIVE_NODES = Gauge("shoal_requester_live_nodes", "Compute nodes sending heartbeats")
 NODES_LOST = Counter("shoal_requester_nodes_lost_total", "Compute nodes declared lost")
+NODE_OUTCOMES = Counter(
+    "shoal_requester_node_outcomes_total",
+    "Executions counted in node reputations: completed, failed, rejected (wrong result)",
+    ["outcome"],
+)
 EVENTS_HANDLED = Counter(
     "shoal_requester_events_handled_total", "Lifecycle events handled, by type", ["type"]
 )

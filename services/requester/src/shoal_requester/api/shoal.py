@@ -6,7 +6,7 @@ Errors here are RFC 9457 problem+json (shoal_common.httpapp).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Response
@@ -16,7 +16,11 @@ from shoal_common.errors import NotFound
 from shoal_common.spec import JobHistoryType, JobStateType
 from shoal_requester.api import wire
 from shoal_requester.api.common import FastJSONResponse, ServiceDep
+from shoal_requester.domain.inventory import TrackedNode
 from shoal_requester.domain.model import HistoryRecord
+
+if TYPE_CHECKING:
+    from shoal_requester.service import RequesterService
 
 router = APIRouter(prefix="/api/v1", tags=["shoal"])
 
@@ -25,7 +29,7 @@ KEEPALIVE_S = 15.0
 
 @router.get("/jobs/{job_id}", summary="A job with its state and history")
 async def get_job(job_id: str, service: ServiceDep) -> Response:
-    view = await service.jobs.view(job_id)
+    view = await service.jobs.describe(job_id)
     _job, rows = await service.jobs.history(view.job.id)
     return FastJSONResponse(
         {
@@ -36,13 +40,28 @@ async def get_job(job_id: str, service: ServiceDep) -> Response:
     )
 
 
-@router.get("/nodes", summary="Compute nodes: capabilities, capacity, liveness")
+def _reputation(service: RequesterService, node_id: str) -> dict[str, Any]:
+    # The inventory's standing: loaded from the store at start, plus what was committed since.
+    return wire.reputation(
+        service.inventory.standing(node_id), service.orchestrator.reputation(node_id)
+    )
+
+
+def _node(service: RequesterService, node: TrackedNode) -> dict[str, Any]:
+    return wire.node(
+        node,
+        running=service.inventory.holds_on(node.id),
+        reputation=_reputation(service, node.id),
+    )
+
+
+@router.get("/nodes", summary="Compute nodes: capabilities, capacity, liveness, reputation")
 async def list_nodes(service: ServiceDep) -> Response:
     tracked = {n.id: n for n in service.inventory.all()}
-    out = [wire.node(n, running=service.inventory.holds_on(n.id)) for n in tracked.values()]
+    out = [_node(service, n) for n in tracked.values()]
     for record in await service.store.list_nodes():
         if record.id not in tracked:
-            out.append(wire.persisted_node(record))
+            out.append(wire.persisted_node(record, reputation=_reputation(service, record.id)))
     out.sort(key=lambda n: str(n["id"]))
     return FastJSONResponse(out)
 
@@ -51,10 +70,12 @@ async def list_nodes(service: ServiceDep) -> Response:
 async def get_node(node_id: str, service: ServiceDep) -> Response:
     tracked = service.inventory.get(node_id)
     if tracked is not None:
-        return FastJSONResponse(wire.node(tracked, running=service.inventory.holds_on(node_id)))
+        return FastJSONResponse(_node(service, tracked))
     for record in await service.store.list_nodes():
         if record.id == node_id:
-            return FastJSONResponse(wire.persisted_node(record))
+            return FastJSONResponse(
+                wire.persisted_node(record, reputation=_reputation(service, record.id))
+            )
     raise NotFound(f"node {node_id} not found")
 
 

@@ -14,7 +14,13 @@ from typing import Any
 from shoal_common.spec import JobHistoryType, StorageSourceType
 from shoal_requester.domain.inventory import TrackedNode
 from shoal_requester.domain.jobs import JobView
-from shoal_requester.domain.model import ExecutionRecord, HistoryRecord, JobRecord, NodeRecord
+from shoal_requester.domain.model import (
+    ExecutionRecord,
+    HistoryRecord,
+    JobRecord,
+    NodeRecord,
+    NodeStanding,
+)
 
 
 def rfc3339(value: datetime) -> str:
@@ -96,7 +102,19 @@ def job_with_info(view: JobView) -> dict[str, Any]:
     return {"Job": dict(view.job.job), "State": view_state(view)}
 
 
-def node(tracked: TrackedNode, *, running: int) -> dict[str, Any]:
+def reputation(standing: NodeStanding, weight: float) -> dict[str, Any]:
+    """A node's record as the requester judged it, and the ranking factor it gives."""
+    return {
+        "completed": standing.completed,
+        "failed": standing.failed,
+        "rejected": standing.rejected,
+        "last_rejected": rfc3339(standing.last_rejected) if standing.last_rejected else None,
+        "flagged": standing.rejected > 0,
+        "weight": round(weight, 4),
+    }
+
+
+def node(tracked: TrackedNode, *, running: int, reputation: dict[str, Any]) -> dict[str, Any]:
     info = tracked.info
     return {
         "id": tracked.id,
@@ -124,10 +142,11 @@ def node(tracked: TrackedNode, *, running: int) -> dict[str, Any]:
         "version": info.version,
         "first_seen": rfc3339(tracked.first_seen),
         "last_heartbeat": rfc3339(tracked.last_seen),
+        "reputation": reputation,
     }
 
 
-def persisted_node(record: NodeRecord) -> dict[str, Any]:
+def persisted_node(record: NodeRecord, *, reputation: dict[str, Any]) -> dict[str, Any]:
     """A node known only from the database (lost before this requester started)."""
     info = dict(record.info)
     return {
@@ -155,4 +174,5 @@ def persisted_node(record: NodeRecord) -> dict[str, Any]:
         "version": info.get("version", ""),
         "first_seen": rfc3339(record.first_seen),
         "last_heartbeat": rfc3339(record.last_seen),
+        "reputation": reputation,
     }

@@ -23,7 +23,7 @@ import orjson
 
 from shoal_common.protocol import Capacity, Heartbeat, NodeInfo
 from shoal_common.spec import utcnow
-from shoal_requester.domain.model import NodeRecord
+from shoal_requester.domain.model import NodeRecord, NodeStanding
 
 LIVE = "live"
 LOST = "lost"
@@ -31,6 +31,7 @@ STOPPING = "stopping"
 # Loaded from the database at start-up: schedulable until it misses its first heartbeats.
 PRESUMED = "presumed"
 
+_NO_RECORD = NodeStanding()
 _VOLATILE = frozenset({"available", "running", "queued", "local_cids"})
 
 
@@ -49,7 +50,6 @@ class TrackedNode:
     holds: int = 0
     signature: str = ""  # hash of the non-volatile info, to persist only real changes
     persisted_mono: float = 0.0
-    counters: tuple[int, int, int] = (0, 0, 0)  # completed, failed, rejected (reputation)
 
     @property
     def id(self) -> str:
@@ -71,16 +71,12 @@ class TrackedNode:
         )
 
     def record(self) -> NodeRecord:
-        completed, failed, rejected = self.counters
         return NodeRecord(
             id=self.id,
             info=self.info.model_dump(mode="json"),
             state=self.state,
             first_seen=self.first_seen,
             last_seen=self.last_seen,
-            completed=completed,
-            failed=failed,
-            rejected=rejected,
         )
 
 
@@ -114,6 +110,9 @@ class Inventory:
         self._clock = clock
         self._nodes: dict[str, TrackedNode] = {}
         self._holds: dict[str, _Hold] = {}
+        # Reputation by node id, lost nodes included (a node that comes back keeps its record):
+        # loaded from the store, then kept up to date with what this process commits.
+        self._standing: dict[str, NodeStanding] = {}
 
     # --- liveness ----------------------------------------------------------------------------
 
@@ -121,6 +120,7 @@ class Inventory:
         """Nodes persisted by a previous run: presumed live until they miss heartbeats."""
         now = self._clock()
         for rec in records:
+            self._standing.setdefault(rec.id, rec.standing)
             if rec.state == LOST or rec.id in self._nodes:
                 continue
             info = NodeInfo.model_validate(rec.info)
@@ -132,7 +132,6 @@ class Inventory:
                 last_seen_mono=now,
                 signature=_signature(info),
                 persisted_mono=now,
-                counters=(rec.completed, rec.failed, rec.rejected),
             )
 
     def observe(self, beat: Heartbeat) -> Observation:
@@ -189,6 +188,16 @@ class Inventory:
     def due_for_persist(self, interval: float) -> list[TrackedNode]:
         now = self._clock()
         return [n for n in self._nodes.values() if now - n.persisted_mono >= interval]
+
+    # --- reputation --------------------------------------------------------------------------
+
+    def standing(self, node_id: str) -> NodeStanding:
+        return self._standing.get(node_id, _NO_RECORD)
+
+    def add_standing(self, deltas: dict[str, NodeStanding]) -> None:
+        """Count what a committed change added (``model.standing_changes``)."""
+        for node_id, delta in deltas.items():
+            self._standing[node_id] = self.standing(node_id) + delta
 
     # --- reading -----------------------------------------------------------------------------
 

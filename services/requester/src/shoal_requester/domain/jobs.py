@@ -37,7 +37,7 @@ from shoal_requester.domain.model import (
     JobQuery,
     JobRecord,
 )
-from shoal_requester.domain.orchestrator import Orchestrator
+from shoal_requester.domain.orchestrator import WAITING_FOR_APPROVAL, Orchestrator
 from shoal_requester.domain.ports import ComputeClient, NodeCallFailed
 from shoal_requester.domain.validation import check_job_id, storable_text, validate_submit
 from shoal_requester.settings import RequesterSettings
@@ -182,6 +182,22 @@ class JobService:
         job = await self.resolve(job_id)
         executions = (await self._store.list_executions([job.id]))[job.id]
         return JobView(job, executions)
+
+    async def describe(self, job_id: str) -> JobView:
+        """:meth:`view`, with a Queued job's reason re-said from the nodes as they are now.
+
+        The stored reason is from when the job last tried to find a node; capacity and nodes
+        have moved since, and an operator asking why a job waits wants the present answer.
+        """
+        view = await self.view(job_id)
+        job = view.job
+        if job.state is not JobStateType.QUEUED or job.status.startswith(WAITING_FOR_APPROVAL):
+            return view
+        min_free = max(job.spec.min_bids, 1) if not view.executions else 1
+        why = self._orchestrator.waiting_reason(job, view.executions, min_free=min_free)
+        if why is None or why == job.status:
+            return view  # nodes have room: the stored answer (their bids) says more
+        return JobView(job.evolve(status=why), view.executions)
 
     async def list_jobs(self, query: JobQuery) -> list[JobView]:
         # A tag no store can hold matches no job; dropping it keeps it away from the database.

@@ -6,7 +6,8 @@ Queued instead of failing.
 
 Ranking is weighted rendezvous hashing of (job id, node id): every requester (and every retry)
 computes the same order for a job without coordination, consecutive jobs spread across nodes,
-and the weight (free capacity, times a reputation hook) tilts the choice towards emptier nodes.
+and the weight (free capacity times reputation) tilts the choice towards emptier nodes with a
+good record.
 Soft ``favour_<key>`` selectors come first: a node that satisfies more preferences always ranks
 above one that satisfies fewer.
 """
@@ -17,6 +18,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from shoal_common.protocol import Capacity, NodeInfo
 from shoal_common.selectors import matches
@@ -29,15 +31,41 @@ from shoal_common.spec import (
     StorageSpec,
     VerifierType,
 )
+from shoal_requester.domain.model import NodeStanding
 
 FAVOUR_PREFIX = "favour_"
 
-# Reputation of a node in [0, 1] (1 = trusted); a hook for ranking on past behaviour.
+# Reputation of a node in (0, 1] (1 = trusted): a factor of its ranking weight.
 Reputation = Callable[[str], float]
+
+# How a node's record becomes that factor (see reputation_weight).
+PRIOR_GOOD = 5.0  # a new node counts as if this many executions had gone well
+REJECTION_COST = 10.0  # one wrong result weighs as much as this many good ones
+FAILURE_COST = 1.0
+REJECTION_HALF_LIFE = 3600.0  # seconds: the cost of past rejections halves this often
+MIN_REPUTATION = 0.02  # never 0: a flagged node keeps a small share and can earn its way back
 
 
 def full_reputation(_node_id: str) -> float:
     return 1.0
+
+
+def reputation_weight(standing: NodeStanding, now: datetime) -> float:
+    """A node's reputation factor from its record: the share of its weighted history that was
+    good, with ``PRIOR_GOOD`` good runs assumed, in ``[MIN_REPUTATION, 1]``.
+
+    A wrong result costs ``REJECTION_COST`` good runs, so one rejection takes a new node to a
+    third of a clean node's share of jobs, and a node caught repeatedly soon gets almost none.
+    Nothing bans a node: accepted results raise it again, and the weight of rejections halves
+    every ``REJECTION_HALF_LIFE`` after the last one (a fixed node is not punished for ever).
+    """
+    rejected = float(standing.rejected)
+    if rejected and standing.last_rejected is not None:
+        age = max(0.0, (now - standing.last_rejected).total_seconds())
+        rejected *= 0.5 ** (age / REJECTION_HALF_LIFE)
+    good = standing.completed + PRIOR_GOOD
+    bad = REJECTION_COST * rejected + FAILURE_COST * standing.failed
+    return max(MIN_REPUTATION, good / (good + bad))
 
 
 @dataclass(frozen=True)

@@ -174,18 +174,44 @@ class HistoryRecord:
 
 
 @dataclass(frozen=True)
+class NodeStanding:
+    """What a node's executions came to, as the requester judged them: its reputation.
+
+    ``completed``: results the verifier accepted; ``rejected``: results it rejected (the node
+    was caught returning a wrong result); ``failed``: executions that failed in a way another
+    node might not (retryable failures: a job that is bad everywhere says nothing about the
+    node). Counted once per execution, in the transaction that records the state change.
+    """
+
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    last_rejected: datetime | None = None
+
+    def __add__(self, other: NodeStanding) -> NodeStanding:
+        last = [t for t in (self.last_rejected, other.last_rejected) if t is not None]
+        return NodeStanding(
+            completed=self.completed + other.completed,
+            failed=self.failed + other.failed,
+            rejected=self.rejected + other.rejected,
+            last_rejected=max(last) if last else None,
+        )
+
+
+@dataclass(frozen=True)
 class NodeRecord:
-    """A compute node as last seen (persisted for ``shoal node list`` and restarts)."""
+    """A compute node as last seen (persisted for ``shoal node list`` and restarts).
+
+    ``standing`` is read-only here: :meth:`RequesterStore.upsert_node` ignores it; only
+    :meth:`RequesterStore.apply` changes it (see :func:`standing_changes`).
+    """
 
     id: str
     info: Mapping[str, Any]  # NodeInfo, JSON form
     state: str  # "live" | "lost" | "stopping"
     first_seen: datetime
     last_seen: datetime
-    # Reputation counters: kept for ranking later (see domain.ranking.reputation).
-    completed: int = 0
-    failed: int = 0
-    rejected: int = 0
+    standing: NodeStanding = NodeStanding()
 
 
 # --- the unit of change ------------------------------------------------------------------------
@@ -272,6 +298,28 @@ def history_for(changes: Changes) -> list[HistoryRecord]:
     # Execution steps usually cause the job change (bids accepted -> InProgress), so they come
     # first; a job that ends is recorded after the execution that ended it.
     return execution_rows + rows
+
+
+def standing_changes(changes: Changes) -> dict[str, NodeStanding]:
+    """What a change adds to each node's standing (empty for most changes).
+
+    Derived from the execution steps, so a redelivered event (not applied twice) or a lost
+    compare-and-set (not applied at all) cannot count twice.
+    """
+    out: dict[str, NodeStanding] = {}
+    for eu in changes.executions:
+        entered = {state for state, _ in eu.steps}
+        after = eu.after
+        delta = NodeStanding(
+            completed=1 if ExecutionStateType.RESULT_ACCEPTED in entered else 0,
+            failed=1 if ExecutionStateType.FAILED in entered and after.retryable else 0,
+            rejected=1 if ExecutionStateType.RESULT_REJECTED in entered else 0,
+        )
+        if delta.rejected:
+            delta = dataclasses.replace(delta, last_rejected=after.updated)
+        if delta.completed or delta.failed or delta.rejected:
+            out[after.node_id] = out.get(after.node_id, NodeStanding()) + delta
+    return out
 
 
 def new_execution_update(record: ExecutionRecord, steps: Sequence[Step]) -> ExecutionUpdate:

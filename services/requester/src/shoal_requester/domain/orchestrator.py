@@ -59,10 +59,10 @@ from shoal_requester.domain.matching import (
     Reputation,
     Requirements,
     capacity_weight,
-    full_reputation,
     misfit,
     preference_score,
     rendezvous,
+    reputation_weight,
     requirements,
 )
 from shoal_requester.domain.model import (
@@ -73,11 +73,14 @@ from shoal_requester.domain.model import (
     HistoryRecord,
     JobRecord,
     JobUpdate,
+    NodeStanding,
     advance,
     job_transition,
     new_execution_update,
+    standing_changes,
 )
 from shoal_requester.domain.ports import ComputeClient, NodeCallFailed
+from shoal_requester.domain.waiting import explain_declined, explain_wait
 from shoal_requester.settings import RequesterSettings
 from shoal_requester.store.base import RequesterStore
 
@@ -137,13 +140,14 @@ class Orchestrator:
         inventory: Inventory,
         compute: ComputeClient,
         settings: RequesterSettings,
-        reputation: Reputation = full_reputation,
+        reputation: Reputation | None = None,
     ) -> None:
         self._store = store
         self._inventory = inventory
         self._compute = compute
         self._settings = settings
-        self._reputation = reputation
+        # By default, each node's record as the inventory keeps it (see matching).
+        self._reputation = reputation or self._recorded_reputation
         self._requester_id = settings.node_id or "requester"
         self._locks = KeyedLocks()
         # Jobs waiting for capacity (Queued, or InProgress but short of executions), FIFO.
@@ -157,6 +161,16 @@ class Orchestrator:
         self._drain_wanted = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
         self._closing = False
+
+    def reputation(self, node_id: str) -> float:
+        """The reputation factor ranking gives this node now, in (0, 1]."""
+        return self._reputation(node_id)
+
+    def _recorded_reputation(self, node_id: str) -> float:
+        standing = self._inventory.standing(node_id)
+        if not (standing.rejected or standing.failed):
+            return 1.0  # the common case, without a clock read per candidate node
+        return reputation_weight(standing, utcnow())
 
     # --- lifecycle of the orchestrator itself ---------------------------------------------------
 
@@ -230,6 +244,10 @@ class Orchestrator:
             self._working.pop(job.id, None)
             return None
         _observe_stages(changes, self._settings.queue_timeout)
+        standing = standing_changes(changes)
+        if standing:
+            self._inventory.add_standing(standing)
+            _observe_standing(standing)
         after_job = job
         for ju in changes.jobs:
             if ju.after.id == job.id:
@@ -336,11 +354,11 @@ class Orchestrator:
         if min_bids and len(free) < min_bids:
             # Too few nodes free to collect min_bids at once: wait for them (the submit check
             # made sure enough nodes exist).
-            await self._wait_for_capacity(job, executions, t, fitting=fitting)
+            await self._wait_for_capacity(job, executions, t, min_free=min_bids)
             return
         if not free:
             if busy or fitting == 0:
-                await self._wait_for_capacity(job, executions, t, fitting=fitting)
+                await self._wait_for_capacity(job, executions, t)
             elif job.extra_executions and t.active:
                 # The verifier asked for more executions on fresh nodes and there are none:
                 # its round can never complete, so end the job now with the reason (ADR 0004).
@@ -436,9 +454,11 @@ class Orchestrator:
             elif any(a.kind == "waiting" for a in answers) and job.state is not JS.IN_PROGRESS:
                 held = sorted({a.node.id for a in answers if a.kind == "waiting"})
                 why = f"{WAITING_FOR_APPROVAL} on {', '.join(held)}"
-                changes.jobs.append(self._queued(job, now, 0, why=why, **fields))
+                changes.jobs.append(self._queued(job, now, why=why, **fields))
             elif job.state is JS.NEW or (job.state is JS.IN_PROGRESS and t_after.active == 0):
-                changes.jobs.append(self._queued(job, now, len(busy), **fields))
+                said = [(a.node.id, a.reason or a.kind) for a in answers]
+                why = explain_declined(said, fitting, selectors=bool(req.selectors))
+                changes.jobs.append(self._queued(job, now, why=why, **fields))
                 effects.waiting = changes.jobs[-1].after
             else:
                 changes.jobs.append(_touch(job, now, **fields))
@@ -532,28 +552,36 @@ class Orchestrator:
         results = await asyncio.gather(*(ask(n, e) for n, e in asks))
         return [a for _, a in sorted(results, key=lambda pair: pair[0])]
 
-    def _queued(
-        self, job: JobRecord, now: datetime, busy: int, *, why: str = "", **fields: Any
-    ) -> JobUpdate:
+    def _queued(self, job: JobRecord, now: datetime, *, why: str, **fields: Any) -> JobUpdate:
         deadline = job.queue_deadline or now + timedelta(seconds=self._settings.queue_timeout)
-        if not why:
-            why = (
-                f"waiting for capacity: {busy} matching node(s) busy"
-                if busy
-                else "waiting for a matching node"
-            )
         if job.state is JS.QUEUED:
             return _touch(job, now, queue_deadline=deadline, status=why, **fields)
         return job_transition(
             job, JS.QUEUED, now=now, comment=why, status=why, queue_deadline=deadline, **fields
         )
 
+    def waiting_reason(
+        self, job: JobRecord, executions: Sequence[ExecutionRecord], *, min_free: int = 1
+    ) -> str | None:
+        """Why the job finds no free node now, from the live inventory (None: nodes have room)."""
+        nodes = [(n.info, n.free) for n in self._inventory.schedulable()]
+        taken = frozenset(e.node_id for e in executions if e.state is not ES.FAILED)
+        return explain_wait(self._requirements(job), nodes, taken=taken, min_free=min_free)
+
     async def _wait_for_capacity(
-        self, job: JobRecord, executions: Sequence[ExecutionRecord], t: Tally, *, fitting: int
+        self,
+        job: JobRecord,
+        executions: Sequence[ExecutionRecord],
+        t: Tally,
+        *,
+        min_free: int = 1,
     ) -> None:
-        busy = fitting - len({e.node_id for e in executions})
-        if job.state is JS.NEW or (job.state is JS.IN_PROGRESS and t.active == 0):
-            update = self._queued(job, utcnow(), max(busy, 0))
+        queue = job.state is JS.NEW or (job.state is JS.IN_PROGRESS and t.active == 0)
+        # A job already Queued gets its reason refreshed when the situation changed (a write
+        # only then), so `shoal describe` and the history say why it still waits.
+        why = self.waiting_reason(job, executions, min_free=min_free) or "waiting for capacity"
+        if queue or (job.state is JS.QUEUED and job.status != why):
+            update = self._queued(job, utcnow(), why=why)
             await self._apply(Changes(jobs=[update]), job, executions)
             job = update.after
         if job.id not in self._pending:
@@ -1165,3 +1193,14 @@ def _observe_stages(changes: Changes, queue_timeout: float) -> None:
                 entered = deadline - timedelta(seconds=queue_timeout)
                 spent = (ju.after.updated - entered).total_seconds()
                 metrics.JOB_STAGE.labels(stage="queued").observe(max(0.0, spent))
+
+
+def _observe_standing(standing: dict[str, NodeStanding]) -> None:
+    for delta in standing.values():
+        for outcome, n in (
+            ("completed", delta.completed),
+            ("failed", delta.failed),
+            ("rejected", delta.rejected),
+        ):
+            if n:
+                metrics.NODE_OUTCOMES.labels(outcome=outcome).inc(n)

@@ -55,7 +55,9 @@ class RequesterStore(Protocol):
         """Apply one transition atomically; return the history rows written.
 
         Raises :class:`shoal_common.errors.Conflict` (and writes nothing) if any record is no
-        longer at its expected (state, version). Returns None, writing nothing, when
+        longer at its expected (state, version). Adds what the change means for each node's
+        standing (:func:`~shoal_requester.domain.model.standing_changes`) in the same
+        transaction. Returns None, writing nothing, when
         ``changes.processed_event`` was applied before.
         """
         ...
@@ -120,9 +122,13 @@ class RequesterStore(Protocol):
 
     # --- nodes ---
 
-    async def upsert_node(self, node: NodeRecord) -> None: ...
+    async def upsert_node(self, node: NodeRecord) -> None:
+        """Insert or rewrite a node's row; keeps ``first_seen``, ignores ``node.standing``."""
+        ...
 
-    async def list_nodes(self) -> list[NodeRecord]: ...
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Every node, with its standing as :meth:`apply` has counted it (by id)."""
+        ...
 
     # --- fan-out and outbox ---
 

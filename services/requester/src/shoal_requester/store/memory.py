@@ -23,7 +23,9 @@ from shoal_requester.domain.model import (
     JobQuery,
     JobRecord,
     NodeRecord,
+    NodeStanding,
     history_for,
+    standing_changes,
 )
 from shoal_requester.store.base import HistoryFanout, HistoryListener, Publish
 
@@ -36,6 +38,7 @@ class MemoryRequesterStore:
         self.executions: dict[str, ExecutionRecord] = {}
         self.history: list[HistoryRecord] = []
         self.nodes: dict[str, NodeRecord] = {}
+        self.standing: dict[str, NodeStanding] = {}
         self.outbox: list[Envelope] = []
         self.processed: set[str] = set()
         self._by_submit_key: dict[str, str] = {}
@@ -112,6 +115,8 @@ class MemoryRequesterStore:
             for h in history_for(changes):
                 rows.append(dataclasses.replace(h, seq=len(self.history) + 1))
                 self.history.append(rows[-1])
+            for node_id, delta in standing_changes(changes).items():
+                self.standing[node_id] = self.standing.get(node_id, NodeStanding()) + delta
             if changes.processed_event is not None:
                 self.processed.add(changes.processed_event)
             self.outbox.extend(Envelope.wrap(e) for e in changes.events)
@@ -236,10 +241,14 @@ class MemoryRequesterStore:
         existing = self.nodes.get(node.id)
         if existing is not None:
             node = dataclasses.replace(node, first_seen=existing.first_seen)
-        self.nodes[node.id] = node
+        # The standing is the store's own (apply() keeps it), never the caller's copy.
+        self.nodes[node.id] = dataclasses.replace(node, standing=NodeStanding())
 
     async def list_nodes(self) -> list[NodeRecord]:
-        return [self.nodes[k] for k in sorted(self.nodes)]
+        return [
+            dataclasses.replace(self.nodes[k], standing=self.standing.get(k, NodeStanding()))
+            for k in sorted(self.nodes)
+        ]
 
     # --- fan-out and outbox ----------------------------------------------------------------
 

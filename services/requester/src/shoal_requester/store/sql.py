@@ -59,7 +59,9 @@ from shoal_requester.domain.model import (
     JobQuery,
     JobRecord,
     NodeRecord,
+    NodeStanding,
     history_for,
+    standing_changes,
 )
 from shoal_requester.store.base import HistoryFanout, HistoryListener, Publish
 from shoal_requester.store.tables import (
@@ -67,6 +69,7 @@ from shoal_requester.store.tables import (
     history,
     job_tags,
     jobs,
+    node_standing,
     nodes,
     outbox,
     processed_events,
@@ -203,10 +206,33 @@ def _node(row: Row[Any]) -> NodeRecord:
         state=row.state,
         first_seen=row.first_seen,
         last_seen=row.last_seen,
-        completed=row.completed,
-        failed=row.failed,
-        rejected=row.rejected,
+        standing=NodeStanding(
+            completed=row.completed or 0,
+            failed=row.failed or 0,
+            rejected=row.rejected or 0,
+            last_rejected=row.last_rejected,
+        ),
     )
+
+
+def _standing_upsert(dialect: str) -> Any:
+    """Add to a node's counters, creating its row on first use (one statement, no race)."""
+    ins = (sqlite_insert if dialect == "sqlite" else pg_insert)(node_standing)
+    col = node_standing.c
+    return ins.on_conflict_do_update(
+        index_elements=[col.node_id],
+        set_={
+            "completed": col.completed + ins.excluded.completed,
+            "failed": col.failed + ins.excluded.failed,
+            "rejected": col.rejected + ins.excluded.rejected,
+            "last_rejected": sqlalchemy.func.coalesce(
+                ins.excluded.last_rejected, col.last_rejected
+            ),
+        },
+    )
+
+
+_UPSERT_STANDING = {d: _standing_upsert(d) for d in ("sqlite", "postgresql")}
 
 
 def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
@@ -420,6 +446,21 @@ def _apply(conn: Connection, changes: Changes) -> _Written:
         statement = _INSERT_HISTORY_ONE if len(rows) == 1 else _INSERT_HISTORY_MANY
         _, seqs = _run(conn, statement, [_history_row(h) for h in rows], returning=True)
         rows = [dataclasses.replace(h, seq=s) for h, s in zip(rows, seqs, strict=True)]
+    standing = standing_changes(changes)
+    if standing:
+        conn.execute(
+            _UPSERT_STANDING[conn.dialect.name],
+            [
+                {
+                    "node_id": node_id,
+                    "completed": s.completed,
+                    "failed": s.failed,
+                    "rejected": s.rejected,
+                    "last_rejected": s.last_rejected,
+                }
+                for node_id, s in sorted(standing.items())
+            ],
+        )
     if changes.events:
         _stage_events(conn, changes.events)
     return _Written(rows, rows=rows, events=bool(changes.events))
@@ -430,9 +471,6 @@ def _upsert_node(conn: Connection, node: NodeRecord) -> _Written:
         "info": _dumps(dict(node.info)),
         "state": node.state,
         "last_seen": node.last_seen,
-        "completed": node.completed,
-        "failed": node.failed,
-        "rejected": node.rejected,
     }
     result = conn.execute(update(nodes).where(nodes.c.id == node.id).values(values))
     if result.rowcount == 0:
@@ -807,7 +845,17 @@ class SqlRequesterStore:
         await self._write(lambda conn: _upsert_node(conn, node))
 
     async def list_nodes(self) -> list[NodeRecord]:
-        stmt = select(nodes).order_by(nodes.c.id)
+        stmt = (
+            select(
+                nodes,
+                node_standing.c.completed,
+                node_standing.c.failed,
+                node_standing.c.rejected,
+                node_standing.c.last_rejected,
+            )
+            .select_from(nodes.outerjoin(node_standing, node_standing.c.node_id == nodes.c.id))
+            .order_by(nodes.c.id)
+        )
         return await self._read(lambda conn: [_node(r) for r in conn.execute(stmt)])
 
     # --- fan-out and outbox ----------------------------------------------------------------

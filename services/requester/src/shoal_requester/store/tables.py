@@ -139,9 +139,19 @@ nodes = Table(
     Column("state", String(16), nullable=False),
     Column("first_seen", UTCDateTime, nullable=False),
     Column("last_seen", UTCDateTime, nullable=False),
+)
+
+# Each node's reputation (domain.model.NodeStanding). Apart from ``nodes`` because it changes
+# with executions, in their transactions, by increments; ``nodes`` rows are rewritten whole
+# from heartbeats and must not race with it.
+node_standing = Table(
+    "node_standing",
+    metadata,
+    Column("node_id", String(128), primary_key=True),
     Column("completed", Integer, nullable=False, server_default="0"),
     Column("failed", Integer, nullable=False, server_default="0"),
     Column("rejected", Integer, nullable=False, server_default="0"),
+    Column("last_rejected", UTCDateTime, nullable=True),
 )
 
 outbox = outbox_table(metadata)
