@@ -473,9 +473,16 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def harness(
-    *, verifier: bool = True, publish: bool = True, **settings: Any
+    *,
+    verifier: bool = True,
+    publish: bool = True,
+    store: MemoryRequesterStore | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Harness]:
-    """A requester wired to a MemoryBus, with the noop verifier and publisher faked."""
+    """A requester wired to a MemoryBus, with the noop verifier and publisher faked.
+
+    Pass the ``store`` of an earlier harness to restart a requester on the same records.
+    """
     from shoal_requester.service import RequesterService
     from shoal_requester.settings import RequesterSettings
 
@@ -488,7 +495,9 @@ async def harness(
         "job_timeout_grace": 0.0,
     }
     defaults.update(settings)
-    service = RequesterService(RequesterSettings(**defaults), bus=bus, store=MemoryRequesterStore())
+    service = RequesterService(
+        RequesterSettings(**defaults), bus=bus, store=store or MemoryRequesterStore()
+    )
     if verifier:
         await NoopVerifierAndPublisher(bus, publish=publish).start()
     await service.start()
