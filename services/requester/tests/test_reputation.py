@@ -11,7 +11,6 @@ import httpx
 from shoal_common.bus import Bus
 from shoal_common.events import (
     Envelope,
-    Producer,
     ResultAccepted,
     ResultProposed,
     ResultPublished,
@@ -25,6 +24,7 @@ from shoal_common.spec import (
     StorageSpec,
     utcnow,
 )
+from shoal_common.subjects import Producer
 from shoal_requester.domain.matching import (
     MIN_REPUTATION,
     REJECTION_HALF_LIFE,
