@@ -305,6 +305,12 @@ def describe(ctx: click.Context, job_id: str, output_format: str) -> None:
     else:
         import yaml
 
+        # Plain words first (why a job waits, why it failed); a YAML comment keeps it parseable.
+        state = details.state
+        summary = f"# Job {state.job_id} is {state.state.value}"
+        if state.status:
+            summary += f": {state.status}"
+        out.print(summary, highlight=False, markup=False, soft_wrap=True)
         out.print(yaml.safe_dump(data, sort_keys=False), highlight=False, markup=False)
 
 

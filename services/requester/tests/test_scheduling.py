@@ -244,7 +244,7 @@ async def test_queued_until_capacity_frees() -> None:
         first = await h.submit(spec)
         second = await h.submit(spec)
         queued = await h.wait_state(second, JS.QUEUED)
-        assert "waiting for capacity" in queued.status
+        assert queued.status == "no node with 1 CPU free; 1 node matches the job"
         assert (await h.wait_state(first)).state is JS.COMPLETED
         assert (await h.wait_state(second)).state is JS.COMPLETED
         history = [r.new for r in await h.history(second) if r.type.value == "JobLevel"]

@@ -391,6 +391,8 @@ class JobState(WireModel):
     create_time: datetime = Field(alias="CreateTime")
     update_time: datetime = Field(alias="UpdateTime")
     timeout_at: datetime | None = Field(None, alias="TimeoutAt")
+    # Shoal's addition: why the job is where it is, in plain words (e.g. why it is Queued).
+    status: str | None = Field(None, alias="Status")
 
 
 class StateChange(WireModel):
