@@ -1,0 +1,140 @@
+"""A :class:`ProcessCluster` whose links and stores a fault test can break: any service may
+reach NATS through its own :class:`TcpProxy`, use another database, or get its own settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from shoal_common.natsserver import free_port, start_nats_server
+from shoal_common.spec import Deal, DockerSpec, Engine, JobState, PublisherType, Spec
+from tests.faults.tcpproxy import TcpProxy
+from tests.processes import ProcessCluster, ServiceProcess
+from tests.support import wait_until
+
+
+def noop_spec(publisher: PublisherType = PublisherType.NOOP) -> Spec:
+    return Spec(
+        Engine=Engine.NOOP,
+        Publisher=publisher,
+        Docker=DockerSpec(Image="busybox", Entrypoint=["echo", "fault"]),
+        Deal=Deal(Concurrency=1),
+    )
+
+
+@dataclass
+class FaultCluster(ProcessCluster):
+    """Services as real processes, with per-service knobs.
+
+    ``nats_proxied``: services that reach NATS through a proxy (``self.proxies[name]``).
+    ``env_of`` / ``args_of``: extra environment and ``shoal serve`` flags per service.
+    ``database_url``: the requester's database (default SQLite in its state dir).
+    """
+
+    nats_proxied: tuple[str, ...] = ()
+    env_of: dict[str, dict[str, str]] = field(default_factory=dict)
+    args_of: dict[str, list[str]] = field(default_factory=dict)
+    database_url: str | None = None
+    nats_port: int = 0
+    proxies: dict[str, TcpProxy] = field(default_factory=dict)
+
+    def _service(
+        self, node_type: str, name: str, *extra: str, env: dict[str, str] | None = None
+    ) -> ServiceProcess:
+        env = {**(env or {}), **self.env_of.get(name, {})}
+        service = super()._service(node_type, name, *extra, *self.args_of.get(name, []), env=env)
+        if name in self.nats_proxied:
+            proxy = self.proxies.setdefault(name, TcpProxy(self.nats_port).start())
+            at = service.args.index("--nats-url") + 1
+            service.args[at] = f"nats://{proxy.url_host_port}"
+        return service
+
+    def start(self) -> FaultCluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.nats_port = free_port()
+        self.nats = start_nats_server(
+            self.root / "nats", port=self.nats_port, log_file=self.root / "nats.log"
+        )
+        if self.database_url:
+            self.args_of.setdefault("requester", []).extend(["--database-url", self.database_url])
+        self._start_services()
+        return self
+
+    def _start_services(self) -> None:
+        # ProcessCluster.start's body, on our NATS (it would start its own).
+        self.requester_port = free_port()
+        publisher_port = free_port()
+        self.publisher_url = f"http://127.0.0.1:{publisher_port}"
+        self.services["publisher"] = self._service(
+            "publisher", "publisher", "--port", str(publisher_port)
+        ).start()
+        self.services["verifier"] = self._service("verifier", "verifier").start()
+        self.services["requester"] = self._service(
+            "requester",
+            "requester",
+            "--port",
+            str(self.requester_port),
+            "--publisher-url",
+            self.publisher_url,
+        ).start()
+        for i in range(self.compute_nodes):
+            name = f"compute-{i}"
+            self.services[name] = self._service(
+                "compute",
+                name,
+                "--node-id",
+                name,
+                "--noop",
+                "--content-store-url",
+                self.publisher_url,
+                env=self.compute_env,
+            ).start()
+        self.wait_ready()
+
+    def restart_nats(self) -> None:
+        """Start NATS again on the same port and JetStream store (after a kill)."""
+        self.nats = start_nats_server(
+            self.root / "nats", port=self.nats_port, log_file=self.root / "nats.log"
+        )
+
+    def stop(self) -> None:
+        # SIGTERM to all at once, then wait: stopping one by one costs ~2.5 s per service.
+        for service in self.services.values():
+            if service.process and service.process.poll() is None:
+                service.process.terminate()
+        super().stop()
+        for proxy in self.proxies.values():
+            proxy.stop()
+
+    # --- what the tests look at ---
+
+    def nodes(self) -> dict[str, str]:
+        """node id -> state, as the requester sees them."""
+        try:
+            rows = httpx.get(f"{self.api_url}/api/v1/nodes", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return {str(r.get("id") or r.get("node_id")): str(r.get("state", "")) for r in rows}
+
+    def log_of(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+
+def all_terminal(states: list[JobState]) -> bool:
+    return all(s.state.terminal for s in states)
+
+
+def completed_executions(state: JobState) -> list[str]:
+    return [e.compute_reference for e in state.executions if e.state.value == "Completed"]
+
+
+def wait_all_terminal(
+    fetch: Callable[[str], JobState], job_ids: list[str], timeout: float
+) -> list[JobState]:
+    def probe() -> list[JobState] | None:
+        states = [fetch(j) for j in job_ids]
+        return states if all_terminal(states) else None
+
+    return wait_until(probe, timeout=timeout, what=f"{len(job_ids)} jobs terminal")
