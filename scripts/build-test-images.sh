@@ -3,6 +3,7 @@
 #
 #   shoal-test/busybox:latest          busybox-static rootfs, platform = this machine's arch
 #   shoal-test/busybox-foreign:latest  the same rootfs, labelled with another arch (bid-check tests)
+#   shoal/python:3.11                  this machine's CPython (scripts/build-python-image.sh)
 #
 # Idempotent and fast: an image that already exists is left alone (FORCE=1 rebuilds).
 set -euo pipefail
@@ -29,6 +30,9 @@ NATIVE_ARCH="$(go_arch "$(uname -m)")"
 if [ "$NATIVE_ARCH" = "arm64" ]; then FOREIGN_ARCH=amd64; else FOREIGN_ARCH=arm64; fi
 
 have_image() { [ "${FORCE:-0}" != 1 ] && "$DOCKER" image inspect "$1" >/dev/null 2>&1; }
+
+# The image non-deterministic `shoal run python` jobs run in (idempotent too; FORCE=1 rebuilds).
+"$(dirname "${BASH_SOURCE[0]}")/build-python-image.sh"
 
 if have_image "$NATIVE_IMAGE" && have_image "$FOREIGN_IMAGE"; then
     echo "test images present: $NATIVE_IMAGE $FOREIGN_IMAGE"
