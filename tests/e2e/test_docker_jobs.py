@@ -256,11 +256,6 @@ def test_job_failing_part_way_publishes_what_it_wrote(client: ShoalClient, tmp_p
     assert not (result / "outputs" / "step2.txt").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built yet: compute serves a failed run's partial result (ExecutionFailed."
-    "result_url) but the publisher/requester do not publish it yet (issue 3, behaviour 11)",
-)
 def test_job_timing_out_part_way_keeps_what_it_wrote(client: ShoalClient, tmp_path: Path) -> None:
     """Behaviour 11, the harder case: the run is killed at its timeout after writing output.
 

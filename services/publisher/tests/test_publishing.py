@@ -13,7 +13,14 @@ from fastapi.responses import Response
 
 from shoal_common.bus import MemoryBus
 from shoal_common.cid import cid_of_path
-from shoal_common.events import Envelope, Event, PublishFailed, ResultAccepted, ResultPublished
+from shoal_common.events import (
+    Envelope,
+    Event,
+    ExecutionFailed,
+    PublishFailed,
+    ResultAccepted,
+    ResultPublished,
+)
 from shoal_common.spec import PublisherSpec, PublisherType, StorageSourceType
 from shoal_common.testing import wait_for
 from shoal_publisher.adapters.fetch import StaticResultFetcher
@@ -265,6 +272,59 @@ async def test_no_result_url_fails_clearly(tmp_path: Path) -> None:
         failed = (await rig.wait(1))["e1"]
         assert isinstance(failed, PublishFailed)
         assert "gave no URL" in failed.error
+
+
+# --- partial results of failed runs (behaviour 11) ----------------------------------------------
+
+
+def _failed_run(execution_id: str, cid: str | None, url: str | None) -> ExecutionFailed:
+    return ExecutionFailed(
+        job_id="job-1",
+        execution_id=execution_id,
+        node_id=f"node-{execution_id}",
+        error="timed out after 2s",
+        timed_out=True,
+        result_cid=cid,
+        result_url=url,
+        publisher=PublisherSpec(Type=PublisherType.LOCAL),
+    )
+
+
+async def test_a_failed_runs_partial_result_is_published(tmp_path: Path, results: Path) -> None:
+    cid = cid_of_path(results)
+    fetcher = StaticResultFetcher({"http://node/r": results})
+    async for rig in _rig(tmp_path, fetcher=fetcher):
+        await rig.emit(_failed_run("e1", cid, "http://node/r"))
+        published = (await rig.wait(1))["e1"]
+        assert isinstance(published, ResultPublished), published
+        assert published.partial
+        assert published.result.cid == cid
+        assert (rig.service.content.path_of(cid) / "stdout").read_bytes() == b"42\n"
+
+
+async def test_a_partial_result_that_cannot_be_fetched_is_a_partial_failure(
+    tmp_path: Path,
+) -> None:
+    async for rig in _rig(tmp_path, fetcher=StaticResultFetcher()):
+        await rig.emit(_failed_run("e1", "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o", None))
+        failed = (await rig.wait(1))["e1"]
+        assert isinstance(failed, PublishFailed)
+        assert failed.partial
+        assert "gave no URL" in failed.error
+
+
+async def test_a_failure_without_a_partial_result_publishes_nothing(
+    tmp_path: Path, results: Path
+) -> None:
+    cid = cid_of_path(results)
+    fetcher = StaticResultFetcher({"http://node/r": results})
+    async for rig in _rig(tmp_path, fetcher=fetcher):
+        await rig.emit(_failed_run("e1", None, None))
+        # The compute stream is delivered in order: once e2 is published, e1 was passed over.
+        await rig.emit(_failed_run("e2", cid, "http://node/r"))
+        outcomes = await rig.wait(1)
+        assert set(outcomes) == {"e2"}
+        assert await rig.store.find_publication("e1") is None
 
 
 # --- failures on purpose (behaviour 38) ---------------------------------------------------------

@@ -12,7 +12,9 @@ import pytest
 from shoal_common.errors import Conflict, InvalidInput
 from shoal_common.events import (
     Envelope,
+    Event,
     ExecutionFailed,
+    PublishFailed,
     ResultAccepted,
     ResultProposed,
     ResultPublished,
@@ -217,6 +219,110 @@ def test_job_outcome_rules() -> None:
     # A failure the node calls permanent is not replaced: it counts towards the deal.
     permanent = failed.evolve(retryable=False)
     assert lifecycle.tally([permanent, completed]).needed(job) == 0
+
+
+# --- behaviour 11: a failed run's partial result ------------------------------------------------
+
+
+def test_an_error_waits_for_the_partial_results_being_published() -> None:
+    job = make_job()
+    now = utcnow()
+    failed = lifecycle.end_execution(
+        _running(), ES.FAILED, "timed out", now=now, retryable=False, result_cid="QmPart"
+    )
+    assert failed is not None
+    assert failed.after.result_cid == "QmPart"
+    assert lifecycle.awaiting_partial(failed.after)
+    assert lifecycle.outcome(job, lifecycle.tally([failed.after]), can_place_more=False) is None
+    published = lifecycle.on_result_published(
+        failed.after, published={"CID": "QmPart"}, now=now, partial=True
+    )
+    assert published is not None
+    assert published.steps == ()
+    assert published.after.state is ES.FAILED
+    error = lifecycle.outcome(job, lifecycle.tally([published.after]), can_place_more=False)
+    assert error is not None
+    assert error.state is JobStateType.ERROR
+    # Not published either: the job ends, and says why the partial results are missing.
+    lost = lifecycle.on_partial_publish_failed(failed.after, error="store full", now=now)
+    assert lost is not None
+    assert lost.after.published == {}
+    assert "partial results not published: store full" in lost.after.status
+    assert lifecycle.outcome(job, lifecycle.tally([lost.after]), can_place_more=False) is not None
+
+
+def test_a_partial_publication_never_completes_an_execution() -> None:
+    now = utcnow()
+    # It may arrive before the failure (another stream): kept, the state does not move.
+    early = lifecycle.on_result_published(
+        _running(), published={"CID": "QmPart"}, now=now, partial=True
+    )
+    assert early is not None
+    assert early.after.state is ES.BID_ACCEPTED
+    failed = lifecycle.end_execution(
+        early.after, ES.FAILED, "timed out", now=now, result_cid="QmPart"
+    )
+    assert failed is not None
+    assert not lifecycle.awaiting_partial(failed.after)
+    cancelled = lifecycle.end_execution(_running(), ES.CANCELLED, "cancelled", now=now)
+    assert cancelled is not None
+    assert (
+        lifecycle.on_result_published(
+            cancelled.after, published={"CID": "Q"}, now=now, partial=True
+        )
+        is None
+    )
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["published", "publish-failed"])
+async def test_a_failed_job_ends_once_its_partial_result_is_settled(published: bool) -> None:
+    async with harness(verifier=False) as h:
+        await h.node("n", run="hang")
+        job_id = await h.submit()
+        [ex] = await _wait_running(h, job_id)
+
+        async def handle(evt: Event) -> None:
+            await h.service.orchestrator.handle_event(evt, event_id=Envelope.wrap(evt).id)
+
+        await handle(
+            ExecutionFailed(
+                job_id=job_id,
+                execution_id=ex.id,
+                node_id="n",
+                error="timed out after 2s",
+                timed_out=True,
+                retryable=False,
+                result_cid="QmPart",
+                result_url="http://n/content/QmPart",
+            )
+        )
+        job = await h.service.store.find_job(job_id)
+        assert job is not None
+        assert not job.state.terminal, "the job ended before its partial results were published"
+        assert await h.service.jobs.results(job_id) == []
+        if published:
+            await handle(
+                ResultPublished(
+                    job_id=job_id,
+                    execution_id=ex.id,
+                    node_id="n",
+                    result=StorageSpec(CID="QmPart"),
+                    partial=True,
+                )
+            )
+        else:
+            await handle(
+                PublishFailed(
+                    job_id=job_id, execution_id=ex.id, node_id="n", error="gone", partial=True
+                )
+            )
+        job = await h.wait_state(job_id)
+        assert job.state is JobStateType.ERROR
+        assert "timed out" in job.status
+        results = await h.service.jobs.results(job_id)
+        assert [e.published for e in results] == ([{"CID": "QmPart"}] if published else [])
+        [after] = await h.executions(job_id)
+        assert after.state is ES.FAILED
 
 
 # --- matching and ranking ------------------------------------------------------------------------

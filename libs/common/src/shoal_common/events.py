@@ -126,6 +126,8 @@ class ExecutionFailed(Event):
     result_cid: str | None = None
     result_url: str | None = None
     size: int = 0
+    # Where the job's results go, so the publisher can publish such a partial result too.
+    publisher: PublisherSpec = Field(default_factory=PublisherSpec)
 
 
 class BidAnswered(Event):
@@ -205,6 +207,9 @@ class ResultPublished(Event):
     execution_id: str
     node_id: str
     result: StorageSpec
+    # The result of a failed run (what it wrote before it failed, ``ExecutionFailed``): it
+    # makes the results downloadable, never the execution completed.
+    partial: bool = False
 
 
 class PublishFailed(Event):
@@ -214,6 +219,8 @@ class PublishFailed(Event):
     execution_id: str
     node_id: str
     error: str
+    # A failed run's partial result could not be published (the execution stays failed).
+    partial: bool = False
 
 
 # --- requester -> verifier -----------------------------------------------------------------------

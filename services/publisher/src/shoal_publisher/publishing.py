@@ -1,5 +1,9 @@
 """Handles ``ResultAccepted``: publish the result, record the outcome, emit the event.
 
+Also ``ExecutionFailed`` carrying a partial result (what a run wrote before it timed out or
+broke): it is published the same way, and the events say ``partial`` so the requester only
+records where it is (the execution stays failed). Behaviour 11.
+
 The slow part (fetching and storing) runs outside any transaction; the outcome, the
 processed-event mark and the ``ResultPublished``/``PublishFailed`` event commit together.
 A redelivery after a crash publishes again, which is harmless: content addressing makes
@@ -11,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
-from shoal_common.events import PublishFailed, ResultAccepted, ResultPublished
-from shoal_common.spec import PublisherType, StorageSpec
+from shoal_common.events import ExecutionFailed, PublishFailed, ResultAccepted, ResultPublished
+from shoal_common.spec import PublisherSpec, PublisherType, StorageSpec
 from shoal_publisher import metrics
 from shoal_publisher.domain.models import (
     Publication,
@@ -28,6 +33,19 @@ from shoal_publisher.domain.publishers import Publisher
 from shoal_publisher.store.base import PublisherStore
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Result:
+    """A result to publish: an accepted one, or the partial one of a failed run."""
+
+    job_id: str
+    execution_id: str
+    node_id: str
+    result_cid: str
+    result_url: str | None
+    publisher: PublisherSpec
+    partial: bool = False
 
 
 class Publishing:
@@ -55,6 +73,36 @@ class Publishing:
 
     async def on_accepted(self, event_id: str, evt: ResultAccepted) -> None:
         """Publish one accepted result (idempotent on ``event_id`` and on the execution)."""
+        await self._handle(
+            event_id,
+            _Result(
+                evt.job_id,
+                evt.execution_id,
+                evt.node_id,
+                evt.result_cid,
+                evt.result_url,
+                evt.publisher,
+            ),
+        )
+
+    async def on_failed(self, event_id: str, evt: ExecutionFailed) -> None:
+        """Publish what a failed run wrote, if the node addressed it (else nothing to do)."""
+        if not evt.result_cid:
+            return
+        await self._handle(
+            event_id,
+            _Result(
+                evt.job_id,
+                evt.execution_id,
+                evt.node_id,
+                evt.result_cid,
+                evt.result_url,
+                evt.publisher,
+                partial=True,
+            ),
+        )
+
+    async def _handle(self, event_id: str, evt: _Result) -> None:
         if await self._store.is_processed(event_id):
             return
         # One publish per execution at a time (a redelivery racing the first delivery waits,
@@ -72,7 +120,7 @@ class Publishing:
             else:
                 self._busy[key] = (lock, users - 1)
 
-    async def _publish(self, event_id: str, evt: ResultAccepted) -> None:
+    async def _publish(self, event_id: str, evt: _Result) -> None:
         if await self._store.find_publication(evt.execution_id) is not None:
             # Published (or failed) already under another envelope: just remember this one.
             async with self._store.transaction() as tx:
@@ -117,6 +165,7 @@ class Publishing:
                         execution_id=evt.execution_id,
                         node_id=evt.node_id,
                         result=spec,
+                        partial=evt.partial,
                     )
                 )
             else:
@@ -126,12 +175,15 @@ class Publishing:
                         execution_id=evt.execution_id,
                         node_id=evt.node_id,
                         error=error,
+                        partial=evt.partial,
                     )
                 )
         self._on_commit()
         if spec is not None:
             metrics.PUBLISHED.labels(kind.value).inc()
-            log.info("result_published", publisher=kind.value, cid=evt.result_cid)
+            log.info(
+                "result_published", publisher=kind.value, cid=evt.result_cid, partial=evt.partial
+            )
         else:
             metrics.FAILED.labels(kind.value).inc()
             log.warning("result_publish_failed", publisher=kind.value, error=error)

@@ -11,7 +11,7 @@ from shoal_common import tracing
 from shoal_common.bus import Bus, EventHandler, NatsBus
 from shoal_common.content_store import ContentStore
 from shoal_common.errors import Unavailable
-from shoal_common.events import Envelope, ResultAccepted
+from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted
 from shoal_common.spec import PublisherType
 from shoal_common.subjects import Producer
 from shoal_publisher.adapters.content import AsyncContentStore
@@ -26,7 +26,7 @@ from shoal_publisher.domain.publishers import (
     NoopPublisher,
     Publisher,
 )
-from shoal_publisher.handlers.events import accepted_handler
+from shoal_publisher.handlers.events import accepted_handler, failed_handler
 from shoal_publisher.publishing import Publishing
 from shoal_publisher.settings import PublisherSettings
 from shoal_publisher.store.base import PublisherStore, Relay
@@ -141,6 +141,15 @@ class PublisherService:
                 "publisher", self._guard(accepted_handler(self.publishing))
             ),
             event_types=[ResultAccepted.type],
+        )
+        # Failed runs' partial results (behaviour 11): same durable name, on compute's stream.
+        await self.bus.consume_events(
+            producer=Producer.COMPUTE,
+            durable=s.durable_name,
+            handler=tracing.traced_handler(
+                "publisher", self._guard(failed_handler(self.publishing))
+            ),
+            event_types=[ExecutionFailed.type],
         )
         log.info("publisher_started", content=str(s.content_root), url=s.base_url)
 

@@ -264,6 +264,8 @@ class ExecutionRunner:
         run_output = read_run_output(results_dir, result, self._config.max_run_output_bytes)
         if result.cancelled or active.cancel_reason is not None:
             return self._cancelled(record, active.cancel_reason or "cancelled")
+        spec = job.spec
+        publisher = spec.publisher_spec or PublisherSpec(type=spec.effective_publisher)
         if result.timed_out:
             return self._failed(
                 record,
@@ -272,6 +274,7 @@ class ExecutionRunner:
                 run_output=run_output,
                 timed_out=True,
                 partial=await self._partial(record),
+                publisher=publisher,
             )
         if result.runner_error:
             return self._failed(
@@ -280,6 +283,7 @@ class ExecutionRunner:
                 True,
                 run_output=run_output,
                 partial=await self._partial(record),
+                publisher=publisher,
             )
         return await self._proposed(record, job, run_output)
 
@@ -332,6 +336,7 @@ class ExecutionRunner:
         run_output: RunOutput | None = None,
         timed_out: bool = False,
         partial: tuple[str, int] | None = None,
+        publisher: PublisherSpec | None = None,
     ) -> tuple[LocalState, Event, dict[str, object]]:
         cid, size = partial or (None, 0)
         base = self._content_url() if cid else None
@@ -346,6 +351,7 @@ class ExecutionRunner:
             result_cid=cid,
             result_url=f"{base}/content/{cid}" if base else None,
             size=size,
+            publisher=publisher or PublisherSpec(),
         )
         changes: dict[str, object] = {"error": error, "run_output": run_output}
         if cid:

@@ -1,4 +1,5 @@
-"""Consumer of ``ResultAccepted`` (verifier stream, durable ``publisher``).
+"""Consumers of ``ResultAccepted`` (verifier stream) and ``ExecutionFailed`` (compute stream,
+for partial results), both under the durable name ``publisher``.
 
 Returning acks; :class:`~shoal_common.bus.Poison` drops an unreadable message; any other
 exception (a database hiccup) makes the bus redeliver it, which is safe: publishing is
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from shoal_common.bus import EventHandler, Poison
-from shoal_common.events import Envelope, ResultAccepted
+from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted
 from shoal_publisher.publishing import Publishing
 
 
@@ -22,5 +23,19 @@ def accepted_handler(publishing: Publishing) -> EventHandler:
             raise Poison(f"cannot read {envelope.type} event {envelope.id}: {exc}") from exc
         if isinstance(evt, ResultAccepted):
             await publishing.on_accepted(envelope.id, evt)
+
+    return handle
+
+
+def failed_handler(publishing: Publishing) -> EventHandler:
+    """``ExecutionFailed`` with a partial result: publish what the run wrote (behaviour 11)."""
+
+    async def handle(envelope: Envelope) -> None:
+        try:
+            evt = envelope.parse()
+        except (KeyError, ValidationError) as exc:
+            raise Poison(f"cannot read {envelope.type} event {envelope.id}: {exc}") from exc
+        if isinstance(evt, ExecutionFailed):
+            await publishing.on_failed(envelope.id, evt)
 
     return handle

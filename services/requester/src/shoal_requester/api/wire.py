@@ -38,7 +38,7 @@ def execution_state(e: ExecutionRecord) -> dict[str, Any]:
     }
     if e.verification is not None:
         out["VerificationResult"] = dict(e.verification)
-    if e.published is not None:
+    if e.published:  # {}: a failed run's partial result that could not be published
         out["PublishedResults"] = dict(e.published)
     if e.run_output is not None:
         out["RunOutput"] = dict(e.run_output)

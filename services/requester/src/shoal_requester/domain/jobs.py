@@ -233,9 +233,13 @@ class JobService:
         return job, await self._store.list_history(job.id, since=since, types=types)
 
     async def results(self, job_id: str) -> list[ExecutionRecord]:
-        """Completed executions, one result each."""
+        """Completed executions, one result each; with none, the failed executions whose
+        partial results (what they wrote before failing) were published (behaviour 11)."""
         view = await self.view(job_id)
-        return [e for e in view.executions if e.state is ExecutionStateType.COMPLETED]
+        completed = [e for e in view.executions if e.state is ExecutionStateType.COMPLETED]
+        if completed:
+            return completed
+        return [e for e in view.executions if e.state is ExecutionStateType.FAILED and e.published]
 
     # --- owner-only operations -----------------------------------------------------------------
 

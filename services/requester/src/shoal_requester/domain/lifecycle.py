@@ -171,8 +171,10 @@ def on_result_rejected(
 
 
 def on_result_published(
-    ex: ExecutionRecord, *, published: Mapping[str, Any], now: datetime
+    ex: ExecutionRecord, *, published: Mapping[str, Any], now: datetime, partial: bool = False
 ) -> ExecutionUpdate | None:
+    if partial:
+        return _partial_settled(ex, dict(published), now)
     steps = forward(ex, ES.COMPLETED, "result published")
     if steps is None:
         return None
@@ -184,6 +186,38 @@ def on_result_published(
     return advance(ex, steps, now=now, **fields)
 
 
+def on_partial_publish_failed(
+    ex: ExecutionRecord, *, error: str, now: datetime
+) -> ExecutionUpdate | None:
+    """A failed run's partial result could not be published: the job need not wait for it."""
+    update = _partial_settled(ex, {}, now)
+    if update is None or update.after.state is not ES.FAILED:
+        return update
+    status = f"{ex.status}; partial results not published: {error}".lstrip("; ")
+    return ExecutionUpdate(update.before, update.after.evolve(status=status), update.steps)
+
+
+def _partial_settled(
+    ex: ExecutionRecord, published: dict[str, Any], now: datetime
+) -> ExecutionUpdate | None:
+    """Record where a failed run's partial result went (``{}``: nowhere); the state stays.
+
+    It may arrive before the ``ExecutionFailed`` it follows (another stream): it is then kept
+    on the still-running execution, and the failure finds it settled.
+    """
+    if ex.published is not None or (ex.state.terminal and ex.state is not ES.FAILED):
+        return None
+    fields: dict[str, Any] = {"published": published}
+    if published.get("CID") and not ex.result_cid:
+        fields["result_cid"] = published["CID"]
+    return advance(ex, (), now=now, **fields)
+
+
+def awaiting_partial(ex: ExecutionRecord) -> bool:
+    """A failed execution whose partial result is being published (behaviour 11)."""
+    return ex.state is ES.FAILED and bool(ex.result_cid) and ex.published is None
+
+
 def end_execution(
     ex: ExecutionRecord,
     state: ExecutionStateType,
@@ -193,13 +227,19 @@ def end_execution(
     retryable: bool = True,
     run_output: Mapping[str, Any] | None = None,
     max_output_bytes: int = 0,
+    result_cid: str | None = None,
 ) -> ExecutionUpdate | None:
-    """Move a not-yet-terminal execution to Failed, Cancelled, BidRejected, ..."""
+    """Move a not-yet-terminal execution to Failed, Cancelled, BidRejected, ...
+
+    ``result_cid``: what a failed run wrote before it failed, which the publisher publishes.
+    """
     if ex.state.terminal:
         return None
     fields: dict[str, Any] = {"status": reason, "retryable": retryable}
     if run_output is not None:
         fields["run_output"] = truncate_output(run_output, max_output_bytes)
+    if result_cid:
+        fields["result_cid"] = result_cid
     return advance(ex, [(state, reason)], now=now, **fields)
 
 
@@ -216,6 +256,7 @@ class Tally:
     proposing: int  # the verifier should expect a proposal from these
     counted: int  # count towards the target (not to be replaced)
     failures: tuple[str, ...]  # what went wrong, for the job's status
+    publishing: int = 0  # failed, with their partial results still being published
 
     def needed(self, job: JobRecord) -> int:
         return max(0, job.target - self.counted)
@@ -229,9 +270,11 @@ def planned(executions: Sequence[ExecutionRecord]) -> dict[str, str]:
 
 
 def tally(executions: Sequence[ExecutionRecord]) -> Tally:
-    completed = active = holding = proposing = counted = 0
+    completed = active = holding = proposing = counted = publishing = 0
     failures: list[str] = []
     for e in executions:
+        if awaiting_partial(e):
+            publishing += 1
         state = e.state
         if state is ES.COMPLETED:
             completed += 1
@@ -245,7 +288,7 @@ def tally(executions: Sequence[ExecutionRecord]) -> Tally:
             counted += 1
         if state in (ES.FAILED, ES.ASK_FOR_BID_REJECTED, ES.RESULT_REJECTED) and e.status:
             failures.append(f"{e.node_id}: {e.status}")
-    return Tally(completed, active, holding, proposing, counted, tuple(failures))
+    return Tally(completed, active, holding, proposing, counted, tuple(failures), publishing)
 
 
 @dataclass(frozen=True)
@@ -272,6 +315,10 @@ def outcome(job: JobRecord, t: Tally, *, can_place_more: bool) -> Outcome | None
             f"{t.completed} of {concurrency} executions completed"
             + (f"; {summarise(t.failures)}" if t.failures else ""),
         )
+    if t.publishing > 0:
+        # What the failed runs wrote is on its way to the content store: end the job once
+        # it is downloadable (or known not to be), so `shoal get` right after works.
+        return None
     return Outcome(JobStateType.ERROR, failure_status(t.failures))
 
 

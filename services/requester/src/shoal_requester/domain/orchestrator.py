@@ -796,6 +796,7 @@ class Orchestrator:
                 retryable=event.retryable and not timed_out,
                 run_output=event.run_output.model_dump(by_alias=True) if event.run_output else None,
                 max_output_bytes=max_out,
+                result_cid=event.result_cid,
             )
         if isinstance(event, ExecutionCancelled):
             reason = f"cancelled by the node: {event.reason}" if event.reason else "cancelled"
@@ -818,7 +819,11 @@ class Orchestrator:
                 max_output_bytes=max_out,
             )
         if isinstance(event, ResultPublished):
-            return lifecycle.on_result_published(ex, published=to_wire(event.result), now=now)
+            return lifecycle.on_result_published(
+                ex, published=to_wire(event.result), now=now, partial=event.partial
+            )
+        if isinstance(event, PublishFailed) and event.partial:
+            return lifecycle.on_partial_publish_failed(ex, error=event.error, now=now)
         if isinstance(event, PublishFailed):
             # The result exists; running the job elsewhere would not help the publisher.
             return lifecycle.end_execution(
