@@ -44,23 +44,16 @@ def job_summary(console: Console, out: Console, state: JobState, *, show_stdout:
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
     """One row per node, in the requester's /api/v1/nodes shape."""
-    table = Table(
-        "ID",
-        "STATE",
-        "ARCH",
-        "ENGINES",
-        "CPU FREE",
-        "MEM FREE (GiB)",
-        "RUNNING",
-        "DONE/FAILED/WRONG",
-        "REPUTATION",
-        "LABELS",
-        box=None,
-    )
+    table = Table(box=None)
+    # Ids and reputations stay whole in narrow terminals; the other columns give way first.
+    table.add_column("ID", no_wrap=True)
+    for header in ("STATE", "ARCH", "ENGINES", "CPU FREE", "MEM FREE (GiB)", "RUNNING"):
+        table.add_column(header)
+    table.add_column("REPUTATION", no_wrap=True)
+    table.add_column("LABELS")
     for n in nodes:
         cap = n.get("capacity", {})
         avail, total = cap.get("available", {}), cap.get("total", {})
-        rep = n.get("reputation") or {}
         table.add_row(
             str(n.get("id", "")),
             str(n.get("state", "")),
@@ -69,19 +62,18 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
             f"{avail.get('cpu', 0):g}/{total.get('cpu', 0):g}",
             f"{avail.get('memory', 0) / 2**30:.1f}/{total.get('memory', 0) / 2**30:.1f}",
             str(n.get("running_executions", "")),
-            f"{rep.get('completed', 0)}/{rep.get('failed', 0)}/{rep.get('rejected', 0)}",
-            _reputation_cell(rep),
+            _reputation_cell(n.get("reputation") or {}),
             ",".join(f"{k}={v}" for k, v in sorted(n.get("labels", {}).items())),
         )
     return table
 
 
 def _reputation_cell(rep: dict[str, Any]) -> str:
-    """The ranking factor, and a flag on nodes caught returning wrong results."""
+    """The ranking factor; a node caught returning wrong results says how often."""
     if not rep:
         return ""
     weight = f"{float(rep.get('weight', 1.0)):.2f}"
-    return f"{weight} FLAGGED" if rep.get("flagged") else weight
+    return f"{weight} ({rep.get('rejected', 0)} wrong)" if rep.get("flagged") else weight
 
 
 @contextlib.contextmanager
