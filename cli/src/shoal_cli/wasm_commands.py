@@ -62,7 +62,7 @@ JOB_CONTEXT_PATH = "/job"
 PYTHON_LANGUAGE_VERSION = "3"
 # Kept in step with shoal_compute.executors.python_wasm.DEFAULT_PYTHON_IMAGE (not imported here:
 # that module loads wasmtime, which `shoal --help` should not pay for).
-DEFAULT_PYTHON_IMAGE = "shoal-test/python:3"
+DEFAULT_PYTHON_IMAGE = "shoal/python:3.11"
 
 
 def register(cli: click.Group) -> None:
@@ -482,9 +482,11 @@ def _inside(root: Path, given: Path, what: str) -> str:
 )
 @click.option(
     "--image",
+    envvar="SHOAL_PYTHON_IMAGE",
     default=DEFAULT_PYTHON_IMAGE,
     show_default=True,
-    help="Docker image for runs without --deterministic.",
+    help="Docker image for runs without --deterministic (env SHOAL_PYTHON_IMAGE); built "
+    "locally by scripts/build-python-image.sh.",
 )
 @click.argument("program", required=False)
 @click.pass_context
@@ -507,8 +509,9 @@ def run_python(
       shoal run python --deterministic main.py -i ipfs://CID:/inputs -o outputs:/outputs
 
     Without --deterministic the job runs in a Docker Python image, where -r requirements are
-    installed with pip (which needs --network). With it, only the packages built into the
-    runtime (numpy, pandas, scipy, scikit-learn, ...) can be required.
+    installed with pip first: offline from the context (wheels, package folders, --find-links
+    ./wheels) unless the job has --network. With it, only the packages built into the runtime
+    (numpy, pandas, scipy, scikit-learn, ...) can be required.
     """
     opts, flags = split_submit_flags(kwargs)
     dry_run = bool(flags["dry_run"])
@@ -550,8 +553,9 @@ def run_python(
             )
     if requirements is not None and not deterministic and _network_off(opts):
         console.print(
-            "[yellow]Note:[/yellow] pip installs the requirements inside the container, which "
-            "needs networking: add --network Full (or HTTP with --domain pypi.org --domain "
+            "[yellow]Note:[/yellow] the job has no network, so pip installs the requirements "
+            "from the job context only (wheel files, package folders, --find-links ./wheels); "
+            "for PyPI add --network Full (or HTTP with --domain pypi.org --domain "
             "files.pythonhosted.org)."
         )
     spec = Spec(

@@ -30,6 +30,7 @@ from shoal_common.spec import (
     Spec,
     StorageSpec,
 )
+from shoal_compute.domain.bidding import job_cids, job_inputs
 from shoal_compute.executors.base import (
     BidCheck,
     ExecutionRequest,
@@ -290,6 +291,36 @@ def test_docker_translation_of_non_deterministic_jobs() -> None:
     assert entrypoint[3:] == ["shoal-python", "requirements.txt", "python", "main.py"]
 
 
+def test_requirements_install_offline_unless_the_job_has_network() -> None:
+    offline = docker_job_for_language(
+        python_job(program="main.py", requirements="requirements.txt", deterministic=False)
+    )
+    assert offline.spec.docker is not None
+    script = (offline.spec.docker.entrypoint or [])[2]
+    assert "--no-index" in script
+    assert "this job has no network" in script
+    online = docker_job_for_language(
+        python_job(
+            program="main.py",
+            requirements="requirements.txt",
+            deterministic=False,
+            Network=NetworkSpec(Type=NetworkType.FULL),
+        )
+    )
+    assert online.spec.docker is not None
+    assert "--no-index" not in (online.spec.docker.entrypoint or [])[2]
+
+
+def test_the_job_context_is_fetched_and_mounted_like_an_input() -> None:
+    job = python_job(command="1", context=False, deterministic=False)
+    assert job.spec.language is not None
+    job.spec.language.job_context = StorageSpec(StorageSource="IPFS", CID="QmContext")
+    inputs = job_inputs(job.spec)
+    assert [(s.cid, s.path) for s in inputs] == [("QmContext", "/job")]  # the default place
+    assert "QmContext" in job_cids(job.spec)  # locality and size checks count it too
+    assert job_inputs(python_job(command="1", context=False).spec) == []
+
+
 class FakeExecutor:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -328,6 +359,19 @@ async def test_language_executor_routes_by_determinism(tmp_path: Path) -> None:
     assert docker.jobs[-1].spec.docker is not None
     ruby = Job(Spec=Spec(Engine=Engine.LANGUAGE, Language=LanguageSpec(Language="ruby")))
     assert "only python" in (await router.check(ruby)).reason
+
+
+async def test_a_missing_python_image_says_how_to_build_one() -> None:
+    class NoImages(FakeExecutor):
+        async def check(self, job: Job) -> BidCheck:
+            assert job.spec.docker is not None
+            return BidCheck(False, f"image {job.spec.docker.image} not found on this node")
+
+    router = LanguageExecutor(None, NoImages(Engine.DOCKER))
+    check = await router.check(python_job(command="1", deterministic=False))
+    assert not check.ok
+    assert f"image {DEFAULT_PYTHON_IMAGE} not found on this node" in check.reason
+    assert "scripts/build-python-image.sh" in check.reason
 
 
 # --- with the runtime (integration) ---------------------------------------------------------------

@@ -164,6 +164,9 @@ class ComputeSettings(ServiceSettings):
     url_parallel: int = 8
     kubo_rpc_url: str | None = None
     python_wasm_artifacts_dir: Path | None = None  # None: where fetch-python-wasm.py puts it
+    # The image non-deterministic Python jobs run in when they name none (built locally by
+    # scripts/build-python-image.sh; = executors.python_wasm.DEFAULT_PYTHON_IMAGE).
+    python_image: str = "shoal/python:3.11"
     content_store_url: str | None = None  # the publisher's content store, to fetch CIDs from
 
     # --- results ---

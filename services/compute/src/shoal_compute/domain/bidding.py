@@ -78,9 +78,23 @@ class BidStrategy(Protocol):
 # --- what a job needs ------------------------------------------------------------------------
 
 
-def job_storage_specs(spec: Spec) -> list[StorageSpec]:
-    """Every storage spec the node must fetch: inputs plus WASM modules."""
+# Where a Language job's context is mounted when JobContext.path does not say (the working
+# directory of `shoal run python` jobs; the executors use the same default).
+DEFAULT_JOB_CONTEXT_PATH = "/job"
+
+
+def job_inputs(spec: Spec) -> list[StorageSpec]:
+    """What is mounted read-only for the job: its inputs, plus a Language job's context."""
     specs = list(spec.inputs or [])
+    context = spec.language.job_context if spec.language is not None else None
+    if context is not None:
+        specs.append(context.model_copy(update={"path": context.path or DEFAULT_JOB_CONTEXT_PATH}))
+    return specs
+
+
+def job_storage_specs(spec: Spec) -> list[StorageSpec]:
+    """Every storage spec the node must fetch: inputs (and job context) plus WASM modules."""
+    specs = job_inputs(spec)
     if spec.wasm is not None:
         if spec.wasm.entry_module is not None:
             specs.append(spec.wasm.entry_module)

@@ -34,7 +34,7 @@ from shoal_common.protocol import LogChunk
 from shoal_common.spec import Deal, Engine, Job, PublisherSpec, RunOutput
 from shoal_compute import metrics
 from shoal_compute.adapters.content import ContentCache
-from shoal_compute.domain.bidding import job_wants_network
+from shoal_compute.domain.bidding import job_inputs, job_wants_network
 from shoal_compute.domain.capacity import Allocation
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
 from shoal_compute.domain.results import (
@@ -215,9 +215,10 @@ class ExecutionRunner:
         active.phase = Phase.FETCHING
         try:
             outputs = prepare_outputs(spec.outputs, paths.results)
-            if spec.inputs:
+            wanted = job_inputs(spec)
+            if wanted:
                 fetch_started = time.perf_counter()
-                inputs = await self._fetcher.fetch_inputs(spec.inputs, paths.inputs)
+                inputs = await self._fetcher.fetch_inputs(wanted, paths.inputs)
                 metrics.INPUT_FETCH_DURATION.observe(time.perf_counter() - fetch_started)
             else:
                 inputs = []

@@ -102,7 +102,7 @@ ENTRY_POINT = "run"  # the reactor's export; returns the exit code
 MIN_MEMORY = 640 * 65536
 
 # The image non-deterministic Python jobs run in (Language jobs without DeterministicExecution).
-DEFAULT_PYTHON_IMAGE = "shoal-test/python:3"
+DEFAULT_PYTHON_IMAGE = "shoal/python:3.11"
 
 # Packages built into the pinned stdlib zip: normalised name -> version (from its *.dist-info).
 BUILTIN_PACKAGES: dict[str, str] = {
@@ -710,7 +710,10 @@ def docker_job_for_language(job: Job, default_image: str = DEFAULT_PYTHON_IMAGE)
 
     The image is ``Docker.Image`` if the job names one, else ``default_image``; the working
     directory is the job context's mount point; ``-r`` requirements are installed with pip in the
-    container first, which needs the job to have networking (or the image a local wheelhouse).
+    container first, into the container's own environment. Without networking (the default)
+    pip runs with ``--no-index``: requirements must then come from the job context (wheel files,
+    package folders, ``--find-links ./wheels``), and a failure says so at once instead of
+    after pip's retries (docs/adr/0008).
     """
     lang = job.spec.language
     problems = language_problems(lang)
@@ -723,9 +726,20 @@ def docker_job_for_language(job: Job, default_image: str = DEFAULT_PYTHON_IMAGE)
         else ["python", lang.program_path or ""]
     )
     if lang.requirements_path:
+        network = job.spec.network
+        offline = network is None or network.type in (None, NetworkType.NONE)
+        hint = (
+            "this job has no network, so only the job context can provide them (wheel files, "
+            "package folders, --find-links ./wheels); add --network Full to install from PyPI"
+            if offline
+            else "see pip's message above"
+        )
         script = (
-            'python -m pip install --no-input --quiet --disable-pip-version-check -r "$1" '
-            '&& shift && exec "$@"'
+            "python -m pip install --no-input --quiet --disable-pip-version-check "
+            + ("--no-index " if offline else "")
+            + '-r "$1" || { status=$?; echo "shoal: installing the requirements in $1 failed: '
+            + hint
+            + '" >&2; exit $status; }; shift; exec "$@"'
         )
         run = ["/bin/sh", "-c", script, "shoal-python", lang.requirements_path, *run]
     docker = DockerSpec(
@@ -735,6 +749,7 @@ def docker_job_for_language(job: Job, default_image: str = DEFAULT_PYTHON_IMAGE)
             "PYTHONUNBUFFERED=1",
             "PYTHONDONTWRITEBYTECODE=1",
             "PIP_ROOT_USER_ACTION=ignore",
+            "PIP_NO_CACHE_DIR=1",  # the container is thrown away: a cache is only writes
             "PIP_BREAK_SYSTEM_PACKAGES=1",  # Debian's python3 is "externally managed"
         ],
         WorkingDirectory=workdir_of(lang) if lang.job_context is not None else None,
@@ -787,7 +802,16 @@ class LanguageExecutor:
         executor, routed, reason = self._route(job)
         if executor is None:
             return BidCheck(False, reason)
-        return await executor.check(routed)
+        check = await executor.check(routed)
+        if not check.ok and executor is self.docker and "not found" in check.reason:
+            # Nothing is pulled, so say how such an image gets onto a node.
+            return BidCheck(
+                False,
+                f"{check.reason}: Python jobs without --deterministic need a Python image on the "
+                f"node (scripts/build-python-image.sh builds {DEFAULT_PYTHON_IMAGE}; --image or "
+                "SHOAL_PYTHON_IMAGE picks another)",
+            )
+        return check
 
     async def run(self, request: ExecutionRequest) -> RunResult:
         executor, routed, reason = self._route(request.job)
