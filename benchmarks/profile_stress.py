@@ -238,6 +238,7 @@ async def load(stack: DevstackProcess, args: argparse.Namespace, raw: Path) -> d
             "--threads",
             "--full-filenames",
             *([] if args.blocking else ["--nonblocking"]),
+            *(["--gil"] if args.gil else []),
             "--output",
             str(raw),
             stdout=subprocess.DEVNULL,
@@ -274,6 +275,11 @@ def main() -> None:
         "--blocking",
         action="store_true",
         help="Pause the devstack for each sample (exact stacks, but slows a threaded process).",
+    )
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="Sample only the thread holding the GIL: Python CPU, without I/O waits in C.",
     )
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--name", default="stress")

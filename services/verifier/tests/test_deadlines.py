@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shoal_common.commitments import VerifierKey, seal_proposal
-from shoal_common.db import OutboxRelay
+from shoal_common.direct_relay import DirectOutboxRelay
 from shoal_common.events import (
     Envelope,
     ExecutionsPlanned,
@@ -79,7 +79,7 @@ class Rig:
             await self.store.relay_once(publish)
         else:
             relay = self.store.relay(publish)
-            assert isinstance(relay, OutboxRelay)
+            assert isinstance(relay, DirectOutboxRelay)
             await relay.relay_once()
         return [e.type for e in self.sent]
 

@@ -34,6 +34,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from shoal_common import telemetry
 from shoal_common.events import Envelope, Event
+from shoal_common.sqlite_store import GroupCommitEngine, LoopConnection
+
+# What a store runs on: SQLite through the group-commit engine, Postgres through asyncpg. Both
+# offer begin()/connect() and connections with execute()/begin_nested()/run_sync().
+StoreEngine = AsyncEngine | GroupCommitEngine
+StoreConnection = AsyncConnection | LoopConnection
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +97,14 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def create_store_engine(url: str, *, pool_size: int = 10) -> StoreEngine:
+    """The engine for a service's own store: see :mod:`shoal_common.sqlite_store` for SQLite."""
+    url = normalise_url(url)
+    if is_sqlite(url):
+        return GroupCommitEngine(url)
+    return create_engine(url, pool_size=pool_size)
 
 
 def run_migrations(url: str, script_location: Path, *, revision: str = "head") -> None:
@@ -155,7 +169,7 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
-async def add_to_outbox(conn: AsyncConnection, outbox: Table, *events: Event) -> list[Envelope]:
+async def add_to_outbox(conn: StoreConnection, outbox: Table, *events: Event) -> list[Envelope]:
     """Stage events inside the caller's transaction; the relay publishes them after commit."""
     envelopes = [Envelope.wrap(e) for e in events]
     if envelopes:
@@ -177,7 +191,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: StoreEngine,
         outbox: Table,
         publish: Callable[[Envelope], Awaitable[None]],
         *,
@@ -262,7 +276,7 @@ def processed_events_table(metadata: MetaData) -> Table:
     )
 
 
-async def mark_processed(conn: AsyncConnection, table: Table, event_id: str) -> bool:
+async def mark_processed(conn: StoreConnection, table: Table, event_id: str) -> bool:
     """Record ``event_id`` in the caller's transaction; False if it was already applied."""
     seen = (
         await conn.execute(select(table.c.event_id).where(table.c.event_id == event_id))

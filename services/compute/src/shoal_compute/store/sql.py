@@ -11,16 +11,21 @@ from typing import Any
 import orjson
 from sqlalchemy import Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shoal_common.db import add_to_outbox, create_engine, run_migrations
+from shoal_common.db import (
+    StoreConnection,
+    StoreEngine,
+    add_to_outbox,
+    create_store_engine,
+    run_migrations,
+)
+from shoal_common.direct_relay import DirectOutboxRelay
 from shoal_common.errors import Conflict, InvalidTransition, NotFound
 from shoal_common.events import Envelope, Event
 from shoal_common.protocol import Capacity
 from shoal_common.spec import RunOutput
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
 from shoal_compute.store.base import PublishFn, Relay
-from shoal_compute.store.relay import DirectOutboxRelay
 from shoal_compute.store.tables import executions, outbox
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -56,11 +61,11 @@ class SqlExecutionStore:
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._engine: AsyncEngine | None = None
+        self._engine: StoreEngine | None = None
         self._relay: DirectOutboxRelay | None = None
 
     @property
-    def engine(self) -> AsyncEngine:
+    def engine(self) -> StoreEngine:
         if self._engine is None:
             raise RuntimeError("store not started")
         return self._engine
@@ -68,7 +73,7 @@ class SqlExecutionStore:
     async def start(self) -> None:
         # Alembic is synchronous (and runs its own loop); keep it off ours.
         await asyncio.to_thread(run_migrations, self._url, MIGRATIONS)
-        self._engine = create_engine(self._url)
+        self._engine = create_store_engine(self._url)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -154,7 +159,7 @@ class SqlExecutionStore:
 
     async def _explain_miss(
         self,
-        conn: AsyncConnection,
+        conn: StoreConnection,
         execution_id: str,
         expected: Collection[LocalState],
         new: LocalState,

@@ -10,15 +10,16 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shoal_common.db import (
-    OutboxRelay,
+    StoreConnection,
+    StoreEngine,
     add_to_outbox,
-    create_engine,
+    create_store_engine,
     mark_processed,
     run_migrations,
 )
+from shoal_common.direct_relay import DirectOutboxRelay
 from shoal_common.events import Envelope, Event
 from shoal_publisher.domain.models import Publication, PublicationStatus
 from shoal_publisher.store import tables as t
@@ -59,7 +60,7 @@ def _publication(row: RowMapping) -> Publication:
     )
 
 
-async def _find(conn: AsyncConnection, execution_id: str) -> Publication | None:
+async def _find(conn: StoreConnection, execution_id: str) -> Publication | None:
     row = (
         (
             await conn.execute(
@@ -73,8 +74,9 @@ async def _find(conn: AsyncConnection, execution_id: str) -> Publication | None:
 
 
 class SqlTx:
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: StoreConnection) -> None:
         self._conn = conn
+        self.staged: list[Envelope] = []  # handed to the relay once the transaction commits
 
     async def mark_processed(self, event_id: str) -> bool:
         return await mark_processed(self._conn, t.processed_events, event_id)
@@ -93,15 +95,18 @@ class SqlTx:
             await self._conn.execute(insert(t.publications).values(**values))
 
     async def add_events(self, *events: Event) -> list[Envelope]:
-        return await add_to_outbox(self._conn, t.outbox, *events)
+        envelopes = await add_to_outbox(self._conn, t.outbox, *events)
+        self.staged.extend(envelopes)
+        return envelopes
 
 
 class SqlPublisherStore:
     """:class:`~shoal_publisher.store.base.PublisherStore` on a SQLAlchemy async engine."""
 
-    def __init__(self, url: str, *, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, url: str, *, engine: StoreEngine | None = None) -> None:
         self.url = url
-        self.engine = engine or create_engine(url)
+        self.engine = engine or create_store_engine(url)
+        self._relay: DirectOutboxRelay | None = None
 
     async def migrate(self) -> None:
         await asyncio.to_thread(run_migrations, self.url, MIGRATIONS)
@@ -112,12 +117,17 @@ class SqlPublisherStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTx]:
         async with self.engine.begin() as conn:
-            yield SqlTx(conn)
+            tx = SqlTx(conn)
+            yield tx
+        # Committed: publish from memory now instead of reading the outbox back.
+        if tx.staged and self._relay is not None:
+            self._relay.handoff(tx.staged)
 
-    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> OutboxRelay:
-        return OutboxRelay(
+    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> DirectOutboxRelay:
+        self._relay = DirectOutboxRelay(
             self.engine, t.outbox, publish, service="publisher", poll_interval=poll_interval
         )
+        return self._relay
 
     async def is_processed(self, event_id: str) -> bool:
         query = select(t.processed_events.c.event_id).where(

@@ -12,15 +12,16 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shoal_common.db import (
-    OutboxRelay,
+    StoreConnection,
+    StoreEngine,
     add_to_outbox,
-    create_engine,
+    create_store_engine,
     mark_processed,
     run_migrations,
 )
+from shoal_common.direct_relay import DirectOutboxRelay
 from shoal_common.errors import Conflict
 from shoal_common.events import Envelope, Event
 from shoal_common.spec import VerifierType
@@ -114,12 +115,12 @@ def _proposal(row: RowMapping) -> ProposalRecord:
     )
 
 
-async def _find_job(conn: AsyncConnection, job_id: str) -> JobRecord | None:
+async def _find_job(conn: StoreConnection, job_id: str) -> JobRecord | None:
     row = (await conn.execute(select(t.jobs).where(t.jobs.c.job_id == job_id))).mappings().first()
     return _job(row) if row else None
 
 
-async def _list_proposals(conn: AsyncConnection, job_id: str) -> list[ProposalRecord]:
+async def _list_proposals(conn: StoreConnection, job_id: str) -> list[ProposalRecord]:
     rows = (
         await conn.execute(
             select(t.proposals)
@@ -131,8 +132,9 @@ async def _list_proposals(conn: AsyncConnection, job_id: str) -> list[ProposalRe
 
 
 class SqlTx:
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: StoreConnection) -> None:
         self._conn = conn
+        self.staged: list[Envelope] = []  # handed to the relay once the transaction commits
 
     async def mark_processed(self, event_id: str) -> bool:
         return await mark_processed(self._conn, t.processed_events, event_id)
@@ -189,15 +191,18 @@ class SqlTx:
         )
 
     async def add_events(self, *events: Event) -> list[Envelope]:
-        return await add_to_outbox(self._conn, t.outbox, *events)
+        envelopes = await add_to_outbox(self._conn, t.outbox, *events)
+        self.staged.extend(envelopes)
+        return envelopes
 
 
 class SqlVerifierStore:
     """:class:`~shoal_verifier.store.base.VerifierStore` on a SQLAlchemy async engine."""
 
-    def __init__(self, url: str, *, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, url: str, *, engine: StoreEngine | None = None) -> None:
         self.url = url
-        self.engine = engine or create_engine(url)
+        self.engine = engine or create_store_engine(url)
+        self._relay: DirectOutboxRelay | None = None
 
     async def migrate(self) -> None:
         await asyncio.to_thread(run_migrations, self.url, MIGRATIONS)
@@ -208,12 +213,17 @@ class SqlVerifierStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTx]:
         async with self.engine.begin() as conn:
-            yield SqlTx(conn)
+            tx = SqlTx(conn)
+            yield tx
+        # Committed: publish from memory now instead of reading the outbox back.
+        if tx.staged and self._relay is not None:
+            self._relay.handoff(tx.staged)
 
-    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> OutboxRelay:
-        return OutboxRelay(
+    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> DirectOutboxRelay:
+        self._relay = DirectOutboxRelay(
             self.engine, t.outbox, publish, service="verifier", poll_interval=poll_interval
         )
+        return self._relay
 
     async def find_job(self, job_id: str) -> JobRecord | None:
         async with self.engine.connect() as conn:

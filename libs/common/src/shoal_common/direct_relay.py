@@ -13,24 +13,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import Table, delete, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shoal_common import telemetry
 from shoal_common.events import Envelope
-from shoal_compute.store.base import PublishFn
+
+if TYPE_CHECKING:
+    from shoal_common.db import StoreEngine
+
+PublishFn = Callable[[Envelope], Awaitable[None]]
 
 log = structlog.get_logger(__name__)
 
 
 class DirectOutboxRelay:
-    """:class:`~shoal_compute.store.base.Relay` fed by :meth:`handoff` after each commit."""
+    """An outbox relay fed by :meth:`handoff` after each commit (used by the services' stores)."""
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: StoreEngine,
         outbox: Table,
         publish: PublishFn,
         *,
@@ -155,7 +160,7 @@ class DirectOutboxRelay:
         """Rows older than ``max_age`` seconds the fast path does not hold: publish, delete."""
         cutoff = time.time() - max_age
         async with self._engine.connect() as conn:
-            rows = (
+            found = (
                 await conn.execute(
                     select(self._outbox.c.seq, self._outbox.c.event_id, self._outbox.c.envelope)
                     .where(self._outbox.c.created <= cutoff)
@@ -163,7 +168,7 @@ class DirectOutboxRelay:
                     .limit(self._batch)
                 )
             ).all()
-        rows = [r for r in rows if r.event_id not in self._inflight]
+        rows = [r for r in found if r.event_id not in self._inflight]
         if not rows:
             return 0
         envelopes = [Envelope.from_bytes(r.envelope) for r in rows]

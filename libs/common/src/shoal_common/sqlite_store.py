@@ -1,0 +1,227 @@
+"""SQLite for one service's store: statements on the event loop, group-committed fsyncs.
+
+Through aiosqlite every statement is two thread hops and a wake-up of the event loop, and every
+transaction pays its own fsync. Profiles of the stress benchmark put the database layer at 40%
+of the devstack's Python time, most of it that plumbing. A store's statements touch a few rows
+of a small local file and take microseconds, so here they run straight on the event loop; only
+the commit, where the fsync is, goes to a thread, and every transaction that finished while the
+previous commit was on disk shares the next one (group commit).
+
+How a transaction runs:
+
+* ``begin()`` takes the writer lock, opens the shared SQLite transaction if none is open
+  (``BEGIN IMMEDIATE``), and wraps the caller's statements in a savepoint: an exception rolls
+  back only that caller's work.
+* On success the savepoint is released and the caller waits for the group's ``COMMIT``; the
+  ``async with`` block exits only once the commit is on disk (``synchronous=FULL``), exactly as
+  with a plain engine. If the commit fails, every transaction of the group raises.
+* A transaction cannot see another's uncommitted work except inside the same group, which
+  commits or fails as one.
+
+``connect()`` reads committed data on pooled connections (WAL: readers never wait for the
+writer). The engine exposes the small part of SQLAlchemy's AsyncEngine/AsyncConnection API the
+stores use (``begin``, ``connect``, ``execute``, ``begin_nested``, ``run_sync``, ``dispose``),
+so a store works unchanged on this (SQLite) or on an asyncpg AsyncEngine (Postgres).
+
+Only one process may write the file: the single writer holds SQLite's write lock from the first
+statement of a group to its commit (a few milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+T = TypeVar("T")
+
+# The engine whose writer lock the current task holds: a nested begin() would wait for itself.
+_HOLDING: contextvars.ContextVar[GroupCommitEngine | None] = contextvars.ContextVar(
+    "shoal_group_commit_holding", default=None
+)
+
+
+class LoopConnection:
+    """A sync SQLAlchemy connection behind the awaitable API of ``AsyncConnection``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.sync_connection = conn
+
+    async def execute(self, statement: Any, parameters: Any = None) -> CursorResult[Any]:
+        return self.sync_connection.execute(statement, parameters)
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        return self.sync_connection.scalar(statement, parameters)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return fn(self.sync_connection, *args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def begin_nested(self) -> AsyncIterator[None]:
+        with self.sync_connection.begin_nested():
+            yield
+
+
+class GroupCommitEngine:
+    """See the module docstring. ``url`` is a ``sqlite[+driver]:///path`` URL."""
+
+    def __init__(self, url: str, *, readers: int = 4, busy_timeout_ms: int = 30_000) -> None:
+        sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+        path = sync_url.database or ""
+        memory = path in ("", ":memory:")
+        if not memory:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        options: dict[str, Any] = {
+            "connect_args": {"timeout": busy_timeout_ms / 1000, "check_same_thread": False}
+        }
+        if memory:  # one connection, or every reader would see its own empty database
+            options["poolclass"] = StaticPool
+        else:
+            options.update(pool_size=readers + 1, max_overflow=readers)
+        self.sync_engine: Engine = sqlalchemy.create_engine(sync_url, **options)
+
+        @event.listens_for(self.sync_engine, "connect")
+        def _configure(dbapi_conn: Any, _record: Any) -> None:
+            # Transactions are issued explicitly (BEGIN IMMEDIATE / SAVEPOINT / COMMIT): the
+            # driver's own implicit BEGIN would break savepoints.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            # WAL + synchronous=FULL: a commit is fsynced before begin() returns, so what a
+            # service acknowledged survives kill -9 and power loss.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        self._writer: Connection | None = None
+        self._in_group = False
+        self._lock = asyncio.Lock()
+        self._waiting: list[asyncio.Future[None]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
+        self._closed = False
+
+    # --- the AsyncEngine subset ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[LoopConnection]:
+        """A transaction, durable when the block exits without an exception."""
+        if _HOLDING.get() is self:
+            raise RuntimeError("nested transaction on the same store (it would wait for itself)")
+        if self._closed:
+            raise RuntimeError("store closed")
+        async with self._lock:
+            conn = self._writer_connection()
+            if not self._in_group:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                self._in_group = True
+            savepoint = conn.begin_nested()
+            token = _HOLDING.set(self)
+            try:
+                yield LoopConnection(conn)
+            except BaseException:
+                if savepoint.is_active:
+                    savepoint.rollback()
+                if not self._waiting:  # nothing else in the group: let go of the write lock
+                    _rollback(conn)
+                    self._in_group = False
+                raise
+            else:
+                savepoint.commit()
+                durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiting.append(durable)
+                self._start_committer()
+            finally:
+                _HOLDING.reset(token)
+        await durable
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[LoopConnection]:
+        """Reads of committed data (WAL snapshot per statement)."""
+        if self._closed:
+            raise RuntimeError("store closed")
+        with self.sync_engine.connect() as conn:
+            try:
+                yield LoopConnection(conn)
+            finally:
+                conn.rollback()
+
+    async def dispose(self) -> None:
+        if self._committer is not None:
+            with contextlib.suppress(BaseException):
+                await self._committer
+        self._closed = True
+        async with self._lock:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                await asyncio.get_running_loop().run_in_executor(self._thread, _close, writer)
+        self._thread.shutdown(wait=True)
+        self.sync_engine.dispose()
+
+    # --- group commit -----------------------------------------------------------------------
+
+    def _writer_connection(self) -> Connection:
+        if self._writer is None:
+            self._writer = self.sync_engine.connect()
+        return self._writer
+
+    def _start_committer(self) -> None:
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_groups(), name="sqlite-commit")
+
+    async def _commit_groups(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            # Transactions queued on the lock while the last commit was on disk run first
+            # (asyncio.Lock is FIFO), so they join this group.
+            async with self._lock:
+                group, self._waiting = self._waiting, []
+                conn = self._writer
+                self._in_group = False
+                if not group or conn is None:
+                    continue
+                try:
+                    # shield: a cancelled service still finishes (or fails) the fsync in flight.
+                    await asyncio.shield(loop.run_in_executor(self._thread, _commit, conn))
+                except BaseException as exc:
+                    await asyncio.shield(loop.run_in_executor(self._thread, _rollback, conn))
+                    for waiter in group:
+                        if not waiter.done():
+                            waiter.set_exception(
+                                exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                            )
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for waiter in group:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+
+def _commit(conn: Connection) -> None:
+    # COMMIT as SQL, not the driver's commit(): that is a silent no-op when SQLite has already
+    # rolled the transaction back (I/O error), and the group would be reported durable.
+    conn.exec_driver_sql("COMMIT")
+    conn.commit()  # SQLAlchemy's own bookkeeping; the driver has no transaction left
+
+
+def _rollback(conn: Connection) -> None:
+    with contextlib.suppress(Exception):
+        conn.exec_driver_sql("ROLLBACK")
+    with contextlib.suppress(Exception):
+        conn.rollback()
+
+
+def _close(conn: Connection) -> None:
+    _rollback(conn)
+    conn.close()
