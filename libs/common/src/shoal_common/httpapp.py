@@ -10,10 +10,11 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import exc as sa_exc
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from shoal_common import telemetry, tracing
-from shoal_common.errors import ShoalError
+from shoal_common.errors import ShoalError, Unavailable
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 
@@ -60,6 +61,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ShoalError)
     async def _shoal_error(_: Request, exc: ShoalError) -> JSONResponse:
         return problem_response(exc)
+
+    # The database (or another backing service) is unreachable, e.g. Postgres restarting: the
+    # request did nothing, so say "retry" (503) instead of reporting a server bug (500).
+    @app.exception_handler(ConnectionError)
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+        err = Unavailable(
+            "a backing service (database) is unavailable", hint="retry in a few seconds"
+        )
+        response = problem_response(err)
+        response.headers["Retry-After"] = "2"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,0 +1,69 @@
+"""F5: the requester's Postgres crashes mid-run (a private server, never the shared one) and
+comes back: the API says 503 meanwhile, and no acknowledged job is lost."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shoal_client.client import ShoalClientError
+from tests.faults.cluster import FaultCluster, completed_executions, noop_spec, wait_all_terminal
+from tests.faults.postgres import PrivatePostgres, private_postgres
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.xdist_group("processes")]
+
+
+@pytest.fixture
+def postgres() -> Iterator[PrivatePostgres]:
+    pg = private_postgres()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+def test_postgres_crash_mid_run_is_503_and_loses_nothing(
+    tmp_path: Path, postgres: PrivatePostgres
+) -> None:
+    cluster = FaultCluster(
+        tmp_path / "cluster",
+        compute_nodes=2,
+        compute_env={"SHOAL_COMPUTE_NOOP_DELAY_S": "0.5"},
+        database_url=postgres.url,
+        # A placement that failed on the dead database waits for the stuck-job sweep
+        # (30 s by default, measured in docs/reliability.md F5); 5 s keeps this test short.
+        env_of={"requester": {"SHOAL_REQUESTER_STUCK_AFTER": "5"}},
+    ).start()
+    try:
+        client = cluster.client(tmp_path / "key")
+        job_ids = [client.submit(noop_spec()).metadata.id for _ in range(20)]
+        postgres.crash()
+        crashed = time.monotonic()
+
+        with pytest.raises(ShoalClientError) as refused:
+            client.submit(noop_spec())
+        assert refused.value.status == 503, refused.value
+        read = httpx.get(f"{cluster.api_url}/api/v1/jobs/{job_ids[-1]}", timeout=10)
+        assert read.status_code == 503, read.text
+        assert read.headers["Retry-After"]
+        assert "unavailable" in read.json()["detail"]
+
+        time.sleep(2)  # the outage itself
+        postgres.start()
+        states = wait_all_terminal(client.state, job_ids, timeout=40)
+        recovered = time.monotonic() - crashed
+        assert [s.state.value for s in states] == ["Completed"] * len(job_ids)
+        for state in states:
+            assert len(completed_executions(state)) == 1, state
+        # The refused submit stored nothing; the acknowledged ones are all there.
+        listed = {j["Job"]["Metadata"]["ID"] for j in client.list_jobs(limit=100)}
+        assert listed == set(job_ids)
+        after = client.submit(noop_spec()).metadata.id
+        assert client.wait(after, timeout=20).state.value == "Completed"
+        print(f"postgres crash -> all {len(job_ids)} terminal: {recovered:.1f} s")
+    finally:
+        cluster.stop()
