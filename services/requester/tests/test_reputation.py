@@ -188,3 +188,13 @@ async def test_a_restarted_requester_remembers_reputations() -> None:
     async with harness(store=store) as h2:
         assert h2.service.inventory.standing("n1").completed == 1
         assert h2.service.inventory.standing(new_id()) == NodeStanding()
+
+
+async def test_ranking_without_reputation_can_be_chosen() -> None:
+    """``rank_by_reputation=False`` (for comparisons): records are kept, ranking ignores them."""
+    async with harness(rank_by_reputation=False) as h:
+        h.service.inventory.add_standing({"bad": NodeStanding(rejected=50, last_rejected=NOW)})
+        assert h.service.orchestrator.reputation("bad") == 1.0
+    async with harness() as h:
+        h.service.inventory.add_standing({"bad": NodeStanding(rejected=50, last_rejected=NOW)})
+        assert h.service.orchestrator.reputation("bad") == MIN_REPUTATION

@@ -49,6 +49,9 @@ class RequesterSettings(ServiceSettings):
     # Timeout of other node calls (bid decisions, cancel, logs).
     rpc_timeout: float = Field(5.0, gt=0)
     node_lost_after: float = Field(NODE_LOST_AFTER_S, gt=0)
+    # Weight nodes by their record (results rejected by the verifier, failures) when ranking
+    # them; off: every node that fits counts the same (to measure what reputation buys).
+    rank_by_reputation: bool = True
 
     # --- housekeeping ---
     housekeeping_interval: float = Field(0.5, gt=0)

@@ -59,6 +59,7 @@ from shoal_requester.domain.matching import (
     Reputation,
     Requirements,
     capacity_weight,
+    full_reputation,
     misfit,
     preference_score,
     rendezvous,
@@ -147,7 +148,11 @@ class Orchestrator:
         self._compute = compute
         self._settings = settings
         # By default, each node's record as the inventory keeps it (see matching).
-        self._reputation = reputation or self._recorded_reputation
+        if reputation is None:
+            reputation = (
+                self._recorded_reputation if settings.rank_by_reputation else full_reputation
+            )
+        self._reputation = reputation
         self._requester_id = settings.node_id or "requester"
         self._locks = KeyedLocks()
         # Jobs waiting for capacity (Queued, or InProgress but short of executions), FIFO.
