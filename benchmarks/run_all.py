@@ -197,6 +197,23 @@ TARGETS = [
         note="benchmark owned by the Docker work (benchmarks/docker_job_overhead.py)",
         available=_docker_job_script,
     ),
+    Target(
+        "9",
+        "WASM and deterministic Python jobs end to end, 1 node (issue 5)",
+        "wasm_e2e",
+        "wasm_e2e.py",
+        ["--jobs", "200", "--warmup", "20", "--cli-runs", "10"],
+        ["--jobs", "10", "--warmup", "3", "--cli-runs", "2"],
+        [
+            Row("WASM job p50", "wasm_job_p50_ms", "ms", 25),
+            Row("noop job p50, same run", "noop_job_ms_p50_ms", "ms"),
+            Row("deterministic Python job p50", "python_job_p50_ms", "ms", 1000),
+            Row("`shoal run python --deterministic` p50", "cli_python_p50_ms", "ms", 1000),
+        ],
+        "wasm_job_p50_ms",
+        note="WASM and Python jobs interleaved with noop jobs through the same pipeline "
+        "(benchmarks/wasm_e2e.py); the CLI row is the whole command, start-up included",
+    ),
 ]
 
 
