@@ -586,10 +586,13 @@ class HttpPool:
     def build(self, method: str, path: str, body: bytes = b"") -> bytes:
         return http_request(method, path, self.authority, body)
 
-    async def _get(self) -> HttpConnection:
+    async def _get(self, *, fresh: bool = False) -> HttpConnection:
         while True:
-            if self._idle:
+            if self._idle and not fresh:
                 return self._idle.pop()
+            if self._idle and fresh:
+                self._idle.popleft().close()  # make room: the oldest idle is the likeliest stale
+                self._open -= 1
             if self._open < self.limit:
                 self._open += 1
                 self.peak_open = max(self.peak_open, self._open)
@@ -610,9 +613,26 @@ class HttpPool:
             self._freed.notify()
 
     async def request(self, data: bytes) -> HttpResponse:
+        reused = bool(self._idle)
         conn = await self._get()
         try:
             resp = await conn.request(data)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            conn.close()
+            await self._put(None)
+            partial = getattr(exc, "partial", b"")
+            if not reused or partial:
+                raise
+            # The server closed this idle keep-alive connection (uvicorn: after 5 s) before
+            # reading the request, so it was not processed: send it again on a new connection,
+            # as HTTP clients do with stale pooled connections.
+            conn = await self._get(fresh=True)
+            try:
+                resp = await conn.request(data)
+            except BaseException:
+                conn.close()
+                await self._put(None)
+                raise
         except BaseException:
             conn.close()
             await self._put(None)

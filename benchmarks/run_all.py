@@ -214,6 +214,30 @@ TARGETS = [
         note="WASM and Python jobs interleaved with noop jobs through the same pipeline "
         "(benchmarks/wasm_e2e.py); the CLI row is the whole command, start-up included",
     ),
+    Target(
+        "10",
+        "Verification: 1,000 deterministic jobs (concurrency 3), 10 nodes, some malicious "
+        "(issue 4)",
+        "verification",
+        "verification.py",
+        ["--jobs", "1000", "--malicious", "0,1,3,4"],
+        ["--jobs", "50", "--malicious", "0,1,4"],
+        [
+            Row("wrong results accepted (all runs)", "wrong_accepted", "", 0),
+            Row("success, 1 of 10 malicious", "m1_success_rate", "", 0.99, "higher"),
+            Row("success, 33% malicious (worst of 3, 4)", "third_success_rate", "", 0.95, "higher"),
+            Row("p50, no faults", "m0_p50_ms", "ms"),
+            Row("p99, no faults", "m0_p99_ms", "ms"),
+            Row("p99, 1 malicious", "m1_p99_ms", "ms"),
+            Row("p99, 33% malicious", "third_p99_ms", "ms"),
+            Row("jobs escalated, 33% malicious", "m4_escalated_jobs", ""),
+        ],
+        "third_success_rate",
+        repeats=1,
+        note="one devstack per number of malicious nodes (0, 1, 3, 4 of 10), closed loop of "
+        "10 clients; reputation steers jobs away from nodes caught returning wrong results "
+        "(benchmarks/verification.py, docs/benchmarks.md)",
+    ),
 ]
 
 
