@@ -9,6 +9,8 @@
 #
 #   KEEP=1          leave the stack running (tear down later with the command printed at the end)
 #   SKIP_CANARY=1   only the single job
+#   CLUSTER=1       NATS as the 3-node JetStream cluster (profile `cluster` with
+#                   docker-compose.cluster.yml); checks every stream keeps 3 copies
 #   SMOKE_ENGINE=docker  compute nodes run jobs on this host's Docker Engine (socket mounted, as in
 #                   production) instead of the noop executor; every canary scenario then runs
 #   SMOKE_TIMEOUT   seconds to wait for the stack to be ready (default 240)
@@ -87,6 +89,9 @@ else
     export SHOAL_NOOP_ENGINES=true
 fi
 COMPOSE=(docker-compose -p "$PROJECT" -f "$HERE/docker-compose.yml" -f "$HERE/docker-compose.smoke.yml")
+if [ "${CLUSTER:-0}" = 1 ]; then
+    COMPOSE+=(-f "$HERE/docker-compose.cluster.yml" --profile cluster)
+fi
 
 teardown() {
     local rc=$?
@@ -163,6 +168,11 @@ got=\$(cat /tmp/out/job-*/stdout)
 [ \"\$got\" = '$MSG' ] || { echo \"stdout is '\$got', expected '$MSG'\"; exit 1; }
 echo 'results downloaded, stdout matches'
 " || fail "the job did not run through the stack"
+
+if [ "${CLUSTER:-0}" = 1 ]; then
+    step "JetStream streams on the 3-node cluster"
+    client 'python -' <"$HERE/smoke/check_streams.py" || fail "streams are not replicated 3 times"
+fi
 
 if [ "${SKIP_CANARY:-0}" != 1 ]; then
     # cid_input needs a real executor (md5sum); every other scenario works on the noop engine.

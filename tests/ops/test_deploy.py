@@ -20,6 +20,7 @@ DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 SMOKE = DEPLOY / "docker-compose.smoke.yml"
+CLUSTER = DEPLOY / "docker-compose.cluster.yml"
 SOURCE_DIRS = ("libs", "services", "cli")
 
 # Series Prometheus makes itself rather than a Shoal service.
@@ -282,6 +283,34 @@ def test_nats_fsyncs_every_write() -> None:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose")
 def test_docker_compose_accepts_the_files() -> None:
-    for files in ([COMPOSE], [COMPOSE, SMOKE]):
+    for files in ([COMPOSE], [COMPOSE, SMOKE], [COMPOSE, CLUSTER], [COMPOSE, SMOKE, CLUSTER]):
         args = [a for f in files for a in ("-f", str(f))]
+        if CLUSTER in files:
+            args += ["--profile", "cluster"]
         subprocess.run(["docker-compose", *args, "config", "-q"], check=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose")
+def test_cluster_profile_replicates_streams_three_times_on_fsyncing_nodes() -> None:
+    args = ["-f", str(COMPOSE), "-f", str(CLUSTER), "--profile", "cluster", "config"]
+    done = subprocess.run(["docker-compose", *args], check=True, timeout=60, capture_output=True)
+    services = yaml.safe_load(done.stdout)["services"]
+    for name in ("nats-1", "nats-2", "nats-3"):
+        assert "/etc/nats/cluster.conf" in services[name]["command"], name
+    for name in _shoal_services(_compose(COMPOSE)):
+        env = services[name]["environment"]
+        if name == "canary":
+            continue  # a client of the HTTP API only
+        kind = "COMPUTE" if name.startswith("compute-") else name.upper()
+        assert env[f"SHOAL_{kind}_NATS_STREAM_REPLICAS"] == "3", name
+        assert env[f"SHOAL_{kind}_NATS_URL"].count("nats://nats-") == 3, name
+        assert {"nats-1", "nats-2", "nats-3"} <= set(services[name]["depends_on"]), name
+    # Without the cluster file every service keeps one replica on the single server.
+    plain = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config"],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    env = yaml.safe_load(plain.stdout)["services"]["requester"]["environment"]
+    assert env["SHOAL_REQUESTER_NATS_STREAM_REPLICAS"] == "1"

@@ -98,23 +98,28 @@ def _decode(raw: bytes) -> Envelope:
 class NatsBus:
     """:class:`Bus` over a real NATS server with JetStream."""
 
-    def __init__(self, nc: NatsClient, *, fetch_batch: int = 256) -> None:
+    def __init__(self, nc: NatsClient, *, fetch_batch: int = 256, stream_replicas: int = 1) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._fetch_batch = fetch_batch
+        # Copies of each stream on a clustered JetStream (3 on the compose `cluster` profile): a
+        # server lost then loses no acknowledged event. Must not exceed the cluster's size.
+        self._stream_replicas = stream_replicas
         self._tasks: set[asyncio.Task[None]] = set()
         self._streams_ready: set[str] = set()
         self._pull_subs: list[Any] = []
         self._closing = False
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "shoal") -> NatsBus:
+    async def connect(cls, url: str, *, name: str = "shoal", stream_replicas: int = 1) -> NatsBus:
+        """Connect to ``url`` (a comma-separated list reaches any server of a cluster)."""
+
         async def on_error(exc: Exception) -> None:
             log.warning("nats_error", error=str(exc))
 
         try:
             nc = await nats.connect(
-                url,
+                [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -123,7 +128,7 @@ class NatsBus:
             )
         except Exception as exc:  # nats-py raises several unrelated types here
             raise Unavailable(f"cannot connect to NATS at {url}: {exc}") from exc
-        return cls(nc)
+        return cls(nc, stream_replicas=stream_replicas)
 
     @property
     def client(self) -> NatsClient:
@@ -139,6 +144,7 @@ class NatsBus:
             storage=StorageType.FILE,
             duplicate_window=DEDUP_WINDOW_S,
             max_age=7 * 24 * 3600.0,
+            num_replicas=self._stream_replicas,
         )
         try:
             await self._js.stream_info(name)

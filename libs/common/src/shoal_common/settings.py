@@ -15,7 +15,10 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="ignore")
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # several: comma-separated (a NATS cluster)
+    # Copies of each JetStream stream this service creates: 1 on one server, 3 on a 3-node
+    # cluster (deploy/docker-compose.cluster.yml). At most the number of servers.
+    nats_stream_replicas: int = Field(1, ge=1, le=5)
     database_url: str | None = None  # default: SQLite under state_dir
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".shoal")
     node_id: str | None = None

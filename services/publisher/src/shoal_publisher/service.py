@@ -115,7 +115,9 @@ class PublisherService:
         tracing.configure_tracing("publisher")
         s = self.settings
         if self._bus is None:
-            self._bus = await NatsBus.connect(s.nats_url, name="shoal-publisher")
+            self._bus = await NatsBus.connect(
+                s.nats_url, name="shoal-publisher", stream_replicas=s.nats_stream_replicas
+            )
         await self.store.migrate()
         fetcher = self._fetcher
         if fetcher is None:

@@ -102,7 +102,9 @@ class RequesterService:
         """Open the store (migrating it), connect, and start consuming and housekeeping."""
         if self._bus is None:
             self._bus = await NatsBus.connect(
-                self.settings.nats_url, name=f"shoal-requester-{self.node_id}"
+                self.settings.nats_url,
+                name=f"shoal-requester-{self.node_id}",
+                stream_replicas=self.settings.nats_stream_replicas,
             )
         await self.store.open()
         self._unhook_history = self.store.subscribe_history(self.hub.publish)

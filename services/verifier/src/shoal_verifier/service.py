@@ -71,7 +71,9 @@ class VerifierService:
         tracing.configure_tracing("verifier")
         s = self.settings
         if self._bus is None:
-            self._bus = await NatsBus.connect(s.nats_url, name="shoal-verifier")
+            self._bus = await NatsBus.connect(
+                s.nats_url, name="shoal-verifier", stream_replicas=s.nats_stream_replicas
+            )
         await self.store.migrate()
         self._key = VerifierKey.from_private_bytes(
             await self.store.load_or_create_key(VerifierKey.generate().private_bytes())
