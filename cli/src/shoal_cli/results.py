@@ -40,14 +40,31 @@ def download_results(
             with progress_bar(console, f"Fetching {cid[:12]}… from {node}") as update:
                 client.download(cid, dest, progress=update)
             fetched.append((node, dest))
+        # Moved, not copied: the downloads sit on the same filesystem (a big result is not
+        # written a second time).
         if raw:
             for _, folder in fetched:
-                shutil.copytree(folder, target / "raw" / folder.name, dirs_exist_ok=True)
+                _merge(folder, target / "raw" / folder.name)
         else:
             for i, (_, folder) in enumerate(fetched):
                 for entry in sorted(folder.iterdir()):
                     if entry.is_dir():
-                        shutil.copytree(entry, target / entry.name, dirs_exist_ok=True)
+                        _merge(entry, target / entry.name)
                     elif i == 0:
-                        shutil.copy2(entry, target / entry.name)
+                        shutil.move(entry, target / entry.name)
     return target
+
+
+def _merge(source: Path, target: Path) -> None:
+    """Move the tree ``source`` to ``target``, merged into what is there (files replaced)."""
+    if not target.is_dir() or target.is_symlink():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        shutil.move(source, target)
+        return
+    for entry in sorted(source.iterdir()):
+        if entry.is_dir():
+            _merge(entry, target / entry.name)
+        else:
+            shutil.move(entry, target / entry.name)

@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import orjson
 
-from shoal_common.cid import FileCidBuilder, cid_of_path
+from shoal_client import download
+from shoal_common.cid import cid_of_path
 from shoal_common.signing import ClientKey, sign_envelope
 from shoal_common.spec import (
     API_VERSION,
@@ -288,7 +289,11 @@ class ShoalClient:
         return cid
 
     def download(self, cid: str, dest: Path, *, progress: Progress | None = None) -> Path:
-        """Fetch content by CID into ``dest`` (a file, or a folder for a directory), CID-checked."""
+        """Fetch content by CID into ``dest`` (a file, or a folder for a directory), CID-checked.
+
+        One pass: the bytes are written and hashed as they arrive (a directory's tar is
+        extracted on the way), and ``dest`` appears only once the CID matches.
+        """
         with self._http.stream(
             "GET", f"/api/v1/content/{cid}", timeout=httpx.Timeout(30.0, read=None)
         ) as resp:
@@ -298,35 +303,15 @@ class ShoalClient:
             total = (
                 int(resp.headers["Content-Length"]) if "Content-Length" in resp.headers else None
             )
-            kind = resp.headers.get("X-Shoal-Kind", "file")
-            done = 0
-            if kind == "directory":
-                from shoal_common.content_store import safe_extract_tar
-
-                dest.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile() as spool:
-                    for chunk in resp.iter_bytes(1 << 20):
-                        spool.write(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(done, total)
-                    spool.seek(0)
-                    safe_extract_tar(spool, dest)
-                got = cid_of_path(dest)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                builder = FileCidBuilder()
-                with dest.open("wb") as out:
-                    for chunk in resp.iter_bytes(1 << 20):
-                        out.write(chunk)
-                        builder.update(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(done, total)
-                got = builder.finish()
-        if got != cid:
-            raise ShoalClientError(0, f"downloaded data has CID {got}, expected {cid}: corrupted")
-        return dest
+            directory = resp.headers.get("X-Shoal-Kind", "file") == "directory"
+            # Raw network reads unless the body is encoded (a proxy compressing it).
+            chunks = resp.iter_bytes() if "Content-Encoding" in resp.headers else resp.iter_raw()
+            try:
+                return download.fetch(
+                    chunks, dest, cid=cid, directory=directory, total=total, progress=progress
+                )
+            except download.DownloadError as exc:
+                raise ShoalClientError(0, str(exc)) from exc
 
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}

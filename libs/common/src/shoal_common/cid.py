@@ -417,6 +417,60 @@ class FileCidBuilder:
         return multihash_to_cid(self._dag.finish().multihash)
 
 
+class TreeCidBuilder:
+    """CID of a directory tree put together from its entries, for verifying a tree that
+    arrives as a stream (a tar) without reading it back from disk.
+
+    Add every directory and file (as a :class:`FileCidBuilder` fed the file's bytes), in any
+    order; :meth:`finish` returns what :func:`cid_of_path` gives the same tree. Parents are
+    implied by their children. Raises ValueError when an entry clashes with another (a file
+    where a directory is, the same file twice).
+    """
+
+    def __init__(self) -> None:
+        # name -> _Link (a file) or a dict like this one (a directory)
+        self._root: dict[bytes, object] = {}
+
+    def _folder(self, parts: tuple[str, ...]) -> dict[bytes, object]:
+        node = self._root
+        for i, part in enumerate(parts):
+            child = node.setdefault(os.fsencode(part), {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{'/'.join(parts[: i + 1])} is a file, not a directory")
+            node = child
+        return node
+
+    def add_dir(self, parts: tuple[str, ...]) -> None:
+        """A directory, by its path components below the root (``()`` is the root)."""
+        self._folder(parts)
+
+    def add_file(self, parts: tuple[str, ...], file: FileCidBuilder) -> None:
+        """A file whose bytes ``file`` has been fed (finished here)."""
+        if not parts:
+            raise ValueError("a file cannot be the root of a tree")
+        folder = self._folder(parts[:-1])
+        name = os.fsencode(parts[-1])
+        if name in folder:
+            raise ValueError(f"{'/'.join(parts)} appears twice")
+        folder[name] = file._dag.finish()
+
+    def finish(self) -> str:
+        """The tree's CIDv0."""
+        return multihash_to_cid(_fold_tree(self._root).multihash)
+
+
+def _fold_tree(node: dict[bytes, object]) -> _Link:
+    children: list[tuple[bytes, _Link]] = []
+    size = 0
+    for name, child in node.items():
+        link = _fold_tree(child) if isinstance(child, dict) else child
+        assert isinstance(link, _Link)
+        children.append((name, link))
+        size += link.filesize
+    _items, link = _dir_items(children, "", size, HAMT_SHARDING_THRESHOLD)
+    return link._replace(filesize=size)
+
+
 def cid_of_bytes(data: bytes | bytearray | memoryview) -> str:
     """CIDv0 that ``ipfs add`` gives to a file with exactly these bytes."""
     dag = _FileDag()
