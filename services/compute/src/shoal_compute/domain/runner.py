@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -194,10 +195,13 @@ class ExecutionRunner:
         except ShoalError as exc:  # e.g. no verifier to seal the result to
             await self._commit_quietly(record, self._failed(record, exc.detail, exc.retryable))
         except Exception as exc:  # a bug or an engine blowing up: fail, never hang
-            log.exception("execution_crashed", execution_id=record.id, job_id=job.metadata.id)
-            await self._commit_quietly(
-                record, self._failed(record, f"execution failed on node: {exc!r}", True)
-            )
+            full = disk_full_reason(exc, self._config.node_id)
+            if full is None:
+                log.exception("execution_crashed", execution_id=record.id, job_id=job.metadata.id)
+            else:  # not a bug: say so plainly, and let another node try (retryable)
+                log.warning("execution_disk_full", execution_id=record.id, error=str(exc))
+            why = full or f"execution failed on node: {exc!r}"
+            await self._commit_quietly(record, self._failed(record, why, True))
         finally:
             engine = (job.spec.engine or Engine.NOOP).value
             metrics.EXECUTION_DURATION.labels(engine).observe(time.monotonic() - active.started)
@@ -409,6 +413,13 @@ class ExecutionRunner:
         # Downloads are not needed once the run ended; the results folder stays (logs, serving).
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, inputs, True)
+
+
+def disk_full_reason(exc: BaseException, node_id: str) -> str | None:
+    """A clear failure reason when ``exc`` is the node's disk (or quota) running out."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full on node {node_id}: no space left to write the execution's files"
+    return None
 
 
 def _address(folder: Path) -> tuple[str, int]:
