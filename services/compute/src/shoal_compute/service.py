@@ -166,7 +166,11 @@ class ComputeService:
         tracing.configure_tracing("compute")
         s = self.settings
         if self._bus is None:
-            self._bus = await NatsBus.connect(s.nats_url, name=f"shoal-compute-{self.node_id}")
+            self._bus = await NatsBus.connect(
+                s.nats_url,
+                name=f"shoal-compute-{self.node_id}",
+                stream_replicas=s.nats_stream_replicas,
+            )
         await self.store.start()
         await self._index_results()
         self._relay = self.store.relay(self._publish_event, service="compute")
@@ -362,20 +366,26 @@ class ComputeService:
             log.info("leftovers_removed", engine=executor.engine.value, count=removed)
 
     async def _start_python_wasm(self, executors: dict[Engine, Executor]) -> None:
-        """Deterministic Python: registered for its engines once its runtime is compiled
-        (minutes the first time on a machine, so in the background)."""
+        """Python jobs. ``Language`` goes to a router registered at once when Docker is there
+        (non-deterministic Python runs in ``settings.python_image``); deterministic Python joins
+        it once its runtime is compiled (minutes the first time on a machine, so in the
+        background)."""
         s = self.settings
         engines = (Engine.PYTHON_WASM, Engine.LANGUAGE)
         if s.engines is not None and not set(engines) & set(s.engines):
             return
         try:
             from shoal_compute.executors.python_wasm import (
+                LanguageExecutor,
                 PythonRuntimeUnavailable,
                 PythonWasmExecutor,
             )
         except ImportError as exc:
             log.info("python_wasm_executor_unavailable", error=str(exc))
             return
+        language = LanguageExecutor(None, executors.get(Engine.DOCKER), image=s.python_image)
+        if language.docker is not None and (s.engines is None or Engine.LANGUAGE in s.engines):
+            executors[Engine.LANGUAGE] = language
         executor = PythonWasmExecutor(
             s.python_wasm_artifacts_dir,
             max_workers=self._workers(),
@@ -390,10 +400,11 @@ class ComputeService:
             try:
                 await executor.prepare()
             except PythonRuntimeUnavailable:
-                return  # logged by the executor; the node simply does not offer Python
+                return  # logged by the executor; the node offers only Python in Docker
+            language.python_wasm = executor
             for engine in engines:
                 if s.engines is None or engine in s.engines:
-                    executors[engine] = executor
+                    executors[engine] = language if engine is Engine.LANGUAGE else executor
             log.info("engine_ready", engines=[e.value for e in engines])
 
         self._prepare_task = asyncio.create_task(prepare(), name="python-wasm-prepare")
