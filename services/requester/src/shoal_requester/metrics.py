@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from weakref import WeakSet
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from shoal_requester.domain.inventory import Inventory
 
 JOBS_SUBMITTED = Counter("shoal_requester_jobs_submitted_total", "Jobs accepted at submit")
 SUBMITS_REFUSED = Counter(
@@ -39,3 +48,34 @@ NODE_OUTCOMES = Counter(
 EVENTS_HANDLED = Counter(
     "shoal_requester_events_handled_total", "Lifecycle events handled, by type", ["type"]
 )
+
+_INVENTORIES: WeakSet[Inventory] = WeakSet()
+NODE_STATES = ("live", "presumed", "stopping", "lost")
+
+
+class _NodesByState(Collector):
+    """``shoal_requester_nodes{state}``, counted when scraped: nothing on the heartbeat path."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "shoal_requester_nodes", "Compute nodes known, by state", labels=["state"]
+        )
+        counts = dict.fromkeys(NODE_STATES, 0)
+        for inventory in list(_INVENTORIES):
+            for state, n in inventory.count_by_state().items():
+                counts[state] = counts.get(state, 0) + n
+        for state, n in counts.items():
+            family.add_metric([state], n)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Known names without a scrape, so a clash with another metric fails at registration.
+        yield GaugeMetricFamily("shoal_requester_nodes", "", labels=["state"])
+
+
+REGISTRY.register(_NodesByState())
+
+
+def watch_nodes(inventory: Inventory) -> None:
+    """Count this inventory's nodes in ``shoal_requester_nodes`` (until it is collected)."""
+    _INVENTORIES.add(inventory)

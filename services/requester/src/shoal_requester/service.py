@@ -21,6 +21,7 @@ import structlog
 
 from shoal_common import tracing
 from shoal_common.bus import Bus, NatsBus
+from shoal_requester import metrics
 from shoal_requester.adapters.compute import BusComputeClient
 from shoal_requester.app import create_app
 from shoal_requester.domain.housekeeping import Housekeeper
@@ -64,6 +65,7 @@ class RequesterService:
         self._owns_bus = bus is None
         self.store: RequesterStore = store or SqlRequesterStore(settings.db_url("requester"))
         self.inventory = Inventory(lost_after=settings.node_lost_after)
+        metrics.watch_nodes(self.inventory)
         self.hub = HistoryHub()
         self.compute: ComputeClient = compute or BusComputeClient(
             _LateBoundBus(self), timeout=settings.rpc_timeout

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shoal_common.protocol import Capacity
+from shoal_compute import metrics
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class CapacityLedger:
         self._running: dict[str, Allocation] = {}
         self._committed_sum = Capacity()
         self._running_sum = Capacity()
+        metrics.watch_capacity(self)
 
     # --- bids ---
 

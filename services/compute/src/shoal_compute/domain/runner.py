@@ -387,7 +387,9 @@ class ExecutionRunner:
                 events=[event],
                 **changes,
             )
-            metrics.EXECUTIONS.labels(state.value).inc()
+            active = self.active.get(record.id)
+            engine = (active.job.spec.engine if active else None) or Engine.NOOP
+            metrics.EXECUTIONS.labels(engine=engine.value, outcome=state.value).inc()
             log.info(
                 "execution_" + state.value,
                 execution_id=record.id,

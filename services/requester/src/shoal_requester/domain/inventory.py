@@ -213,6 +213,12 @@ class Inventory:
     def live_count(self) -> int:
         return sum(1 for n in self._nodes.values() if n.state == LIVE)
 
+    def count_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self._nodes.values():
+            counts[node.state] = counts.get(node.state, 0) + 1
+        return counts
+
     # --- capacity ----------------------------------------------------------------------------
 
     def hold(self, node_id: str, execution_id: str, need: Capacity) -> None:
