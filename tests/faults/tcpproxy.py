@@ -68,8 +68,11 @@ class TcpProxy:
 
     def truncate_responses(self, after_bytes: int, times: int) -> None:
         """The next ``times`` connections get their response (upstream to client) reset after
-        ``after_bytes`` bytes, as a network failure halfway through a download would."""
+        ``after_bytes`` bytes, as a network failure halfway through a download would. Open
+        (keep-alive) connections are reset first, so the next request opens a new one."""
         self._truncate_after, self._truncate_times = after_bytes, times
+        self._call(self._set_cut(True))
+        self._call(self._set_cut(False))
 
     # --- inside the proxy's loop ---
 

@@ -325,6 +325,30 @@ async def test_a_failed_job_ends_once_its_partial_result_is_settled(published: b
         assert after.state is ES.FAILED
 
 
+def test_an_accepted_result_that_fails_to_publish_ends_the_job() -> None:
+    # It carries the proposal's CID but is no partial result: nothing more will be published
+    # for it, so the job must not wait (found by tests/faults/test_upload_cut.py).
+    now = utcnow()
+    job = make_job()
+    proposed = lifecycle.on_result_proposed(
+        make_execution(job, state=ES.BID_ACCEPTED),
+        result_cid="QmFull",
+        run_output=None,
+        now=now,
+        max_output_bytes=0,
+    )
+    assert proposed is not None
+    failed = lifecycle.on_publish_failed(proposed.after, error="gone", now=now)
+    assert failed is not None
+    assert failed.after.state is ES.FAILED
+    assert not failed.after.retryable
+    assert failed.after.status == "publishing failed: gone"
+    assert not lifecycle.awaiting_partial(failed.after)
+    ended = lifecycle.outcome(job, lifecycle.tally([failed.after]), can_place_more=False)
+    assert ended is not None
+    assert ended.state is JobStateType.ERROR
+
+
 # --- matching and ranking ------------------------------------------------------------------------
 
 

@@ -197,6 +197,16 @@ def on_partial_publish_failed(
     return ExecutionUpdate(update.before, update.after.evolve(status=status), update.steps)
 
 
+def on_publish_failed(ex: ExecutionRecord, *, error: str, now: datetime) -> ExecutionUpdate | None:
+    """An accepted result could not be published. The execution fails (running it elsewhere
+    would not help the publisher), and is settled: nothing more will be published for it, so
+    the job must not wait for it as for a partial result (``awaiting_partial``)."""
+    update = end_execution(ex, ES.FAILED, f"publishing failed: {error}", now=now, retryable=False)
+    if update is None:
+        return None
+    return ExecutionUpdate(update.before, update.after.evolve(published={}), update.steps)
+
+
 def _partial_settled(
     ex: ExecutionRecord, published: dict[str, Any], now: datetime
 ) -> ExecutionUpdate | None:

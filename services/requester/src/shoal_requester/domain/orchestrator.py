@@ -830,10 +830,7 @@ class Orchestrator:
         if isinstance(event, PublishFailed) and event.partial:
             return lifecycle.on_partial_publish_failed(ex, error=event.error, now=now)
         if isinstance(event, PublishFailed):
-            # The result exists; running the job elsewhere would not help the publisher.
-            return lifecycle.end_execution(
-                ex, ES.FAILED, f"publishing failed: {event.error}", now=now, retryable=False
-            )
+            return lifecycle.on_publish_failed(ex, error=event.error, now=now)
         return None
 
     async def _execution_event(
