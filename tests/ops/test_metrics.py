@@ -8,7 +8,10 @@ accepted/rejected, publish bytes and failures, HTTP, NATS errors and redeliverie
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -19,6 +22,7 @@ import shoal_requester.metrics
 import shoal_verifier.metrics
 from shoal_common.protocol import Capacity, Heartbeat
 from shoal_compute.domain.capacity import CapacityLedger
+from shoal_publisher.adapters.fetch import HttpResultFetcher
 from shoal_requester.domain.inventory import Inventory
 from shoal_requester.testing import node_info
 
@@ -48,6 +52,7 @@ REQUIRED = [
     ("shoal_compute_executions_total", "counter", ("engine", "outcome")),
     ("shoal_verifier_results_accepted_total", "counter", ("verifier",)),
     ("shoal_verifier_results_rejected_total", "counter", ("verifier",)),
+    ("shoal_publisher_result_bytes_total", "counter", ()),
     ("shoal_publisher_content_bytes_total", "counter", ("direction",)),
     ("shoal_publisher_publish_failures_total", "counter", ("publisher",)),
     ("shoal_http_requests_total", "counter", ("service", "route", "status")),
@@ -127,3 +132,24 @@ def test_capacity_used_and_total_follow_the_nodes_books() -> None:
     assert (delta("used", "cpu"), delta("used", "gpu")) == (1.5, 1)
     ledger.release("e1")
     assert (delta("used", "cpu"), delta("used", "gpu")) == (0, 0)
+
+
+async def test_result_bytes_fetched_for_publishing_are_counted(tmp_path: Path) -> None:
+    body = b"x" * 300_000
+
+    class Streamed(httpx.AsyncByteStream):  # as a compute node sends it: in chunks
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for start in range(0, len(body), 65_536):
+                yield body[start : start + 65_536]
+
+    transport = httpx.MockTransport(
+        lambda _: httpx.Response(200, stream=Streamed(), headers={"X-Shoal-Kind": "file"})
+    )
+    fetcher = HttpResultFetcher(max_bytes=1 << 20, client=httpx.AsyncClient(transport=transport))
+    before = sample("shoal_publisher_result_bytes_total")
+    try:
+        path = await fetcher.fetch("http://compute/results/e1", tmp_path)
+    finally:
+        await fetcher.close()
+    assert path.read_bytes() == body
+    assert sample("shoal_publisher_result_bytes_total") - before == len(body)

@@ -14,6 +14,10 @@ PUBLISH_SECONDS = Histogram(
     ["publisher"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+RESULT_BYTES = Counter(
+    "shoal_publisher_result_bytes_total",
+    "Bytes of results fetched from compute nodes to be published",
+)
 CONTENT_BYTES = Counter(
     "shoal_publisher_content_bytes_total", "Bytes through the content API", ["direction"]
 )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
 import httpx
 
 from shoal_common.content_store import UnsafeArchiveError, safe_extract_tar
+from shoal_publisher import metrics
 from shoal_publisher.domain.models import PublishError, TransientPublishError
 from shoal_publisher.streams import consume_in_thread
 
@@ -38,6 +40,12 @@ def _write_capped(source: IO[bytes], target: Path, limit: int) -> None:
             if written > limit:
                 raise UnsafeArchiveError(f"the result is larger than the {limit}-byte limit")
             out.write(chunk)
+
+
+async def _counted(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        metrics.RESULT_BYTES.inc(len(chunk))
+        yield chunk
 
 
 class HttpResultFetcher:
@@ -73,7 +81,7 @@ class HttpResultFetcher:
                     raise PublishError(
                         f"the result at {url} is {length} bytes, over the {self._max} limit"
                     )
-                chunks = response.aiter_raw(_CHUNK)
+                chunks = _counted(response.aiter_raw(_CHUNK))
                 if _is_directory(response):
                     await consume_in_thread(
                         chunks, lambda r: safe_extract_tar(r, target, max_bytes=self._max)
