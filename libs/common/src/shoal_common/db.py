@@ -29,6 +29,8 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -169,13 +171,37 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
+# Statements built once per table: building and cache-keying a SQLAlchemy statement on every
+# call cost more than running it (stress profile). Keyed by the Table object.
+_PREBUILT: dict[tuple[str, int, str], Any] = {}
+
+
+def _prebuilt(kind: str, table: Table, dialect: str = "") -> Any:
+    key = (kind, id(table), dialect)
+    stmt = _PREBUILT.get(key)
+    if stmt is None:
+        if kind == "insert":
+            stmt = insert(table)
+        elif kind == "insert_new":  # INSERT ... ON CONFLICT DO NOTHING, per dialect
+            dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            stmt = dialect_insert(table).on_conflict_do_nothing()
+        else:
+            raise ValueError(kind)
+        _PREBUILT[key] = stmt
+    return stmt
+
+
+def _dialect(conn: StoreConnection) -> str:
+    return str(conn.sync_connection.dialect.name) if conn.sync_connection else ""
+
+
 async def add_to_outbox(conn: StoreConnection, outbox: Table, *events: Event) -> list[Envelope]:
     """Stage events inside the caller's transaction; the relay publishes them after commit."""
     envelopes = [Envelope.wrap(e) for e in events]
     if envelopes:
         now = time.time()
         await conn.execute(
-            insert(outbox),
+            _prebuilt("insert", outbox),
             [{"event_id": e.id, "envelope": e.to_bytes(), "created": now} for e in envelopes],
         )
     return envelopes
@@ -278,10 +304,8 @@ def processed_events_table(metadata: MetaData) -> Table:
 
 async def mark_processed(conn: StoreConnection, table: Table, event_id: str) -> bool:
     """Record ``event_id`` in the caller's transaction; False if it was already applied."""
-    seen = (
-        await conn.execute(select(table.c.event_id).where(table.c.event_id == event_id))
-    ).first()
-    if seen is not None:
-        return False
-    await conn.execute(insert(table).values(event_id=event_id, processed=time.time()))
-    return True
+    result = await conn.execute(
+        _prebuilt("insert_new", table, _dialect(conn)),
+        {"event_id": event_id, "processed": time.time()},
+    )
+    return bool(result.rowcount == 1)

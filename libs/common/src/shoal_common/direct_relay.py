@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Table, bindparam, delete, select
 
 from shoal_common import telemetry
 from shoal_common.events import Envelope
@@ -56,6 +56,9 @@ class DirectOutboxRelay:
         self._inflight: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._delete_published = delete(outbox).where(
+            outbox.c.event_id.in_(bindparam("b_ids", expanding=True))
+        )
 
     # --- Relay ---
 
@@ -148,9 +151,7 @@ class DirectOutboxRelay:
                 )
             if published:
                 async with self._engine.begin() as conn:
-                    await conn.execute(
-                        delete(self._outbox).where(self._outbox.c.event_id.in_(published))
-                    )
+                    await conn.execute(self._delete_published, {"b_ids": published})
             return len(published)
         finally:
             for envelope, _ in batch:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shoal_common.db import (
@@ -56,6 +56,21 @@ def _dump_run_output(value: RunOutput | None) -> bytes | None:
     return orjson.dumps(value.model_dump(mode="json", by_alias=True)) if value else None
 
 
+# Built once: constructing a statement per call cost more than running it (stress profile).
+_INSERT_EXECUTION = insert(executions)
+_SELECT_EXECUTION = select(executions).where(executions.c.id == bindparam("b_id"))
+# Compare-and-set on the state; the columns to change come with the parameters.
+_TRANSITION = (
+    update(executions)
+    .where(
+        executions.c.id == bindparam("b_id"),
+        executions.c.state.in_(bindparam("b_expected", expanding=True)),
+    )
+    .values(version=executions.c.version + 1)
+    .returning(*executions.c)
+)
+
+
 class SqlExecutionStore:
     """:class:`ExecutionStore` over one database; migrations applied by :meth:`start`."""
 
@@ -97,7 +112,7 @@ class SqlExecutionStore:
         }
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(executions).values(**values))
+                await conn.execute(_INSERT_EXECUTION, values)
                 staged = await add_to_outbox(conn, outbox, *events)
         except IntegrityError as exc:
             raise Conflict(f"execution {record.id} already exists") from exc
@@ -105,9 +120,7 @@ class SqlExecutionStore:
 
     async def find(self, execution_id: str) -> ExecutionRecord | None:
         async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(select(executions).where(executions.c.id == execution_id))
-            ).first()
+            row = (await conn.execute(_SELECT_EXECUTION, {"b_id": execution_id})).first()
         return _row_to_record(row) if row is not None else None
 
     async def get(self, execution_id: str) -> ExecutionRecord:
@@ -129,8 +142,9 @@ class SqlExecutionStore:
         if unknown:
             raise ValueError(f"cannot change {sorted(unknown)}")
         values: dict[str, Any] = {
+            "b_id": execution_id,
+            "b_expected": [s.value for s in expected],
             "state": new.value,
-            "version": executions.c.version + 1,
             "updated": time.time(),
         }
         if "run_output" in changes:
@@ -139,17 +153,7 @@ class SqlExecutionStore:
             if key in changes:
                 values[key] = changes[key]
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    update(executions)
-                    .where(
-                        executions.c.id == execution_id,
-                        executions.c.state.in_([s.value for s in expected]),
-                    )
-                    .values(**values)
-                    .returning(*executions.c)
-                )
-            ).first()
+            row = (await conn.execute(_TRANSITION, values)).first()
             if row is None:
                 await self._explain_miss(conn, execution_id, expected, new)
             staged = await add_to_outbox(conn, outbox, *events)

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 
 from shoal_common.db import (
@@ -60,16 +60,19 @@ def _publication(row: RowMapping) -> Publication:
     )
 
 
+# Built once: constructing a statement per call cost more than running it (stress profile).
+_SELECT_PUBLICATION = select(t.publications).where(
+    t.publications.c.execution_id == bindparam("b_execution_id")
+)
+_INSERT_PUBLICATION = insert(t.publications)
+_UPDATE_PUBLICATION = update(t.publications).where(
+    t.publications.c.execution_id == bindparam("b_execution_id")
+)
+
+
 async def _find(conn: StoreConnection, execution_id: str) -> Publication | None:
-    row = (
-        (
-            await conn.execute(
-                select(t.publications).where(t.publications.c.execution_id == execution_id)
-            )
-        )
-        .mappings()
-        .first()
-    )
+    found = await conn.execute(_SELECT_PUBLICATION, {"b_execution_id": execution_id})
+    row = found.mappings().first()
     return _publication(row) if row else None
 
 
@@ -86,13 +89,12 @@ class SqlTx:
 
     async def save_publication(self, publication: Publication) -> None:
         values = _values(publication)
+        changed = {k: v for k, v in values.items() if k != "execution_id"}
         result = await self._conn.execute(
-            update(t.publications)
-            .where(t.publications.c.execution_id == publication.execution_id)
-            .values(**values)
+            _UPDATE_PUBLICATION, {**changed, "b_execution_id": publication.execution_id}
         )
         if result.rowcount == 0:
-            await self._conn.execute(insert(t.publications).values(**values))
+            await self._conn.execute(_INSERT_PUBLICATION, values)
 
     async def add_events(self, *events: Event) -> list[Envelope]:
         envelopes = await add_to_outbox(self._conn, t.outbox, *events)

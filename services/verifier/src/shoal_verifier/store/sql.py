@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -115,19 +115,33 @@ def _proposal(row: RowMapping) -> ProposalRecord:
     )
 
 
+# Built once: constructing a statement per call cost more than running it (stress profile).
+_SELECT_JOB = select(t.jobs).where(t.jobs.c.job_id == bindparam("b_job_id"))
+_SELECT_PROPOSALS = (
+    select(t.proposals)
+    .where(t.proposals.c.job_id == bindparam("b_job_id"))
+    .order_by(t.proposals.c.received, t.proposals.c.execution_id)
+)
+_SELECT_PROPOSAL = select(t.proposals).where(
+    t.proposals.c.execution_id == bindparam("b_execution_id")
+)
+_INSERT_JOB = insert(t.jobs)
+_INSERT_PROPOSAL = insert(t.proposals)
+_UPDATE_JOB = update(t.jobs).where(
+    t.jobs.c.job_id == bindparam("b_job_id"), t.jobs.c.version == bindparam("b_version")
+)
+_UPDATE_PROPOSAL = update(t.proposals).where(
+    t.proposals.c.execution_id == bindparam("b_execution_id")
+)
+
+
 async def _find_job(conn: StoreConnection, job_id: str) -> JobRecord | None:
-    row = (await conn.execute(select(t.jobs).where(t.jobs.c.job_id == job_id))).mappings().first()
+    row = (await conn.execute(_SELECT_JOB, {"b_job_id": job_id})).mappings().first()
     return _job(row) if row else None
 
 
 async def _list_proposals(conn: StoreConnection, job_id: str) -> list[ProposalRecord]:
-    rows = (
-        await conn.execute(
-            select(t.proposals)
-            .where(t.proposals.c.job_id == job_id)
-            .order_by(t.proposals.c.received, t.proposals.c.execution_id)
-        )
-    ).mappings()
+    rows = (await conn.execute(_SELECT_PROPOSALS, {"b_job_id": job_id})).mappings()
     return [_proposal(r) for r in rows]
 
 
@@ -145,17 +159,16 @@ class SqlTx:
     async def insert_job(self, job: JobRecord) -> None:
         try:
             async with self._conn.begin_nested():
-                await self._conn.execute(insert(t.jobs).values(**_job_values(job)))
+                await self._conn.execute(_INSERT_JOB, _job_values(job))
         except IntegrityError as exc:
             raise Conflict(f"job {job.job_id} already exists") from exc
 
     async def update_job(self, job: JobRecord, *, expected_version: int) -> None:
         values = _job_values(job)
         values["version"] = expected_version + 1
+        del values["job_id"]
         result = await self._conn.execute(
-            update(t.jobs)
-            .where(t.jobs.c.job_id == job.job_id, t.jobs.c.version == expected_version)
-            .values(**values)
+            _UPDATE_JOB, {**values, "b_job_id": job.job_id, "b_version": expected_version}
         )
         if result.rowcount != 1:
             raise Conflict(f"job {job.job_id} changed since it was read")
@@ -166,11 +179,7 @@ class SqlTx:
 
     async def find_proposal(self, execution_id: str) -> ProposalRecord | None:
         row = (
-            (
-                await self._conn.execute(
-                    select(t.proposals).where(t.proposals.c.execution_id == execution_id)
-                )
-            )
+            (await self._conn.execute(_SELECT_PROPOSAL, {"b_execution_id": execution_id}))
             .mappings()
             .first()
         )
@@ -179,15 +188,15 @@ class SqlTx:
     async def insert_proposal(self, proposal: ProposalRecord) -> None:
         try:
             async with self._conn.begin_nested():
-                await self._conn.execute(insert(t.proposals).values(**_proposal_values(proposal)))
+                await self._conn.execute(_INSERT_PROPOSAL, _proposal_values(proposal))
         except IntegrityError as exc:
             raise Conflict(f"execution {proposal.execution_id} already proposed") from exc
 
     async def update_proposal(self, proposal: ProposalRecord) -> None:
+        values = _proposal_values(proposal)
+        del values["execution_id"]
         await self._conn.execute(
-            update(t.proposals)
-            .where(t.proposals.c.execution_id == proposal.execution_id)
-            .values(**_proposal_values(proposal))
+            _UPDATE_PROPOSAL, {**values, "b_execution_id": proposal.execution_id}
         )
 
     async def add_events(self, *events: Event) -> list[Envelope]:
