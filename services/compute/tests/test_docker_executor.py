@@ -94,7 +94,9 @@ async def executor(docker_client: Any, test_images: None) -> AsyncIterator[Docke
     ex = DockerExecutor(go_arch(), allow_networking=True)
     try:
         yield ex
-        # Checked before close(): run() itself must leave nothing behind, whatever the ending.
+        # Checked before close(): run() itself must leave nothing behind, whatever the ending
+        # (an exited container's removal may still be under way: settled() waits for it).
+        await ex.settled()
         assert _containers_of(docker_client, ex) == []
     finally:
         await ex.close()

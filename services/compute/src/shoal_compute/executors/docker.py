@@ -1,7 +1,9 @@
 """The Docker executor: one container per execution, through the Docker Engine API.
 
 Per run it makes five API calls: create, attach, start, wait (answered at once: the attach stream
-ends when the container exits) and remove. The attach stream is read on the event loop itself
+ends when the container exits) and remove. After a normal exit the removal runs in the background
+(the container has stopped and let go of its mounts): the run's result does not wait for it, and
+:meth:`DockerExecutor.settled` / ``close`` do. The attach stream is read on the event loop itself
 (the hijacked socket is handed to asyncio), so a running job holds no thread; the other calls are
 short and run on this executor's own small thread pool. Logs are attached before start and the
 container's log driver is ``none``: output is copied once, straight into the results folder and
@@ -105,6 +107,7 @@ class _Running:
     container_id: str | None = None
     cancelled: bool = False
     closing: bool = False
+    exited: bool = False  # it ended on its own, the daemon says: it holds nothing now
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -162,6 +165,7 @@ class DockerExecutor:
         self._client: Any = None
         self._client_lock = asyncio.Lock()
         self._running: dict[str, _Running] = {}
+        self._removals: set[asyncio.Future[bool]] = set()
         self._closed = False
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -256,8 +260,15 @@ class DockerExecutor:
             # Shielded: even if this task is being cancelled, the pool thread still removes the
             # container (a thread cannot be interrupted).
             api = self._client.api if self._client is not None else None
+            container_id = state.container_id
+            if api is not None and container_id is not None and state.exited:
+                # Exited: removing it is housekeeping, off the job's critical path (~30 ms).
+                removal = asyncio.ensure_future(self._call(_remove_container, api, container_id))
+                self._removals.add(removal)
+                removal.add_done_callback(self._removals.discard)
+                container_id = None
             cleanup = self._call(
-                _finish, api, state.container_id, files, request.results_dir, result.exit_code
+                _finish, api, container_id, files, request.results_dir, result.exit_code
             )
             try:
                 await asyncio.shield(cleanup)
@@ -283,6 +294,11 @@ class DockerExecutor:
         if state.container_id is not None:
             await self._kill(state.container_id)
 
+    async def settled(self) -> None:
+        """Wait for the removals of finished runs' containers still in progress."""
+        while self._removals:
+            await asyncio.wait(set(self._removals))
+
     async def close(self) -> None:
         """Remove every container this executor instance made, running or not, and let go."""
         if self._closed:
@@ -291,6 +307,7 @@ class DockerExecutor:
         for state in self._running.values():
             state.closing = True
         if self._client is not None:
+            await self.settled()
             try:
                 await self._remove_labelled({LABEL_EXECUTOR: self.instance_id})
             except Exception as exc:
@@ -390,6 +407,8 @@ class DockerExecutor:
                 status = await waiter
             except Exception as exc:
                 raise _RunnerError(f"lost track of the container: {_explain(exc)}") from None
+            # A run that ended on its own; a killed one is removed before run() returns.
+            state.exited = not (timed_out or state.cancelled or state.closing)
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
