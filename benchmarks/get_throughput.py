@@ -6,8 +6,8 @@ path below fetches it ``--repeat`` times (best and median reported, in MB/s of 1
 
   get_file     ``ShoalClient.download`` of the output file's own CID through the requester:
                streamed to disk, CID computed while it arrives (the issue's target, >= 200 MB/s)
-  get_result   ``ShoalClient.download`` of the whole result folder (a tar stream, spooled,
-               extracted, then re-hashed to its CID): what ``shoal get`` calls per execution
+  get_result   ``ShoalClient.download`` of the whole result folder (a tar stream, extracted
+               and hashed as it arrives): what ``shoal get`` calls per execution
   shoal_get    ``shoal get``'s own function (``download_results``: the above plus laying out
                ``job-<id8>/``)
 
@@ -16,6 +16,9 @@ node addressing the result folder, then the publisher copying it into the conten
   proxy_raw    a raw GET through the requester's proxy, bytes discarded (no hashing, no disk)
   publisher_raw  a raw GET straight from the publisher's content store, bytes discarded: the
                server's own speed, so the other rows show what the proxy and the client add
+
+Each path also reports the CPU seconds this (client) process and the devstack process spent
+on it: on a busy machine the wall clock says more about the neighbours than about Shoal.
 
 Needs the Docker engine and images from scripts/docker-setup.sh. Appends one JSON line to
 benchmarks/results/get_throughput.jsonl.
@@ -80,13 +83,35 @@ def raw_get(url: str) -> int:
     return got
 
 
-def timed(repeat: int, size: int, once: Callable[[int], None]) -> dict[str, Any]:
-    speeds = []
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process has used so far (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(repeat: int, size: int, once: Callable[[int], None], server_pid: int) -> dict[str, Any]:
+    """Wall-clock speed, plus CPU spent per byte on each side. On a shared machine the wall
+    clock mostly shows the other load; ``client_cpu_mb_s`` (bytes per CPU-second of this
+    process, all its threads) shows what the client path itself costs."""
+    speeds, client_cpu, server_cpu = [], [], []
     for i in range(repeat):
+        cpu, server = time.process_time(), cpu_seconds(server_pid)
         started = time.perf_counter()
         once(i)
         speeds.append(mb_s(size, time.perf_counter() - started))
-    return {"best_mb_s": max(speeds), "median_mb_s": statistics.median(speeds), "runs": speeds}
+        client_cpu.append(time.process_time() - cpu)
+        server_cpu.append(cpu_seconds(server_pid) - server)
+    return {
+        "best_mb_s": max(speeds),
+        "median_mb_s": statistics.median(speeds),
+        "runs": speeds,
+        "client_cpu_s": round(statistics.median(client_cpu), 2),
+        "client_cpu_mb_s": mb_s(size, statistics.median(client_cpu)),
+        "server_cpu_s": round(statistics.median(server_cpu), 2),
+    }
 
 
 def phases(client: ShoalClient, job_id: str) -> dict[str, float]:
@@ -193,7 +218,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             ("shoal_get", shoal_get),
         ):
             print(f"timing {name} ...", flush=True)
-            figures[name] = timed(args.repeat, size, once)
+            figures[name] = timed(args.repeat, size, once, stack.process.pid)
         client.close()
     finally:
         stack.stop()
@@ -224,10 +249,16 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="Print only.")
     args = parser.parse_args()
     figures = bench(args)
-    print(f"{'path':16}{'best MB/s':>12}{'median MB/s':>14}")
+    print(
+        f"{'path':16}{'best MB/s':>12}{'median MB/s':>14}{'client CPU s':>14}"
+        f"{'client MB/CPU-s':>17}{'server CPU s':>14}"
+    )
     for name in ("publisher_raw", "proxy_raw", "get_file", "get_result", "shoal_get"):
         f = figures[name]
-        print(f"{name:16}{f['best_mb_s']:>12.1f}{f['median_mb_s']:>14.1f}")
+        print(
+            f"{name:16}{f['best_mb_s']:>12.1f}{f['median_mb_s']:>14.1f}{f['client_cpu_s']:>14.2f}"
+            f"{f['client_cpu_mb_s']:>17.1f}{f['server_cpu_s']:>14.2f}"
+        )
     print(f"produce + publish: {figures['produce_and_publish_s']} s {figures['produce_phases']}")
     print(f"load average before/after: {figures['loadavg_before']} / {figures['loadavg_after']}")
     print(

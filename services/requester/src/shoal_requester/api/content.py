@@ -35,6 +35,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDED_REQUEST = ("content-type", "content-length", "range", "accept", "if-none-match")
+_PIECE = 1 << 20
 
 
 def _base(service: ServiceDep) -> str:
@@ -64,7 +65,9 @@ async def _forward(
         # aiter_bytes() decodes it, so the upstream length no longer applies.
         out_headers = {k: v for k, v in out_headers.items() if k.lower() != "content-length"}
     return StreamingResponse(
-        response.aiter_bytes(),
+        # Passed on in 1 MiB pieces, not the 64 KiB network reads: each piece costs a trip
+        # through the ASGI server (16 times fewer trips for a big download).
+        response.aiter_bytes(_PIECE),
         status_code=response.status_code,
         headers=out_headers,
         background=BackgroundTask(response.aclose),
