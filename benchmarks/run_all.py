@@ -206,7 +206,7 @@ TARGETS = [
         ["--jobs", "10", "--warmup", "3", "--cli-runs", "2"],
         [
             Row("WASM job p50", "wasm_job_p50_ms", "ms", 25),
-            Row("noop job p50, same run", "noop_job_ms_p50_ms", "ms"),
+            Row("noop job p50, same run", "noop_job_p50_ms", "ms"),
             Row("deterministic Python job p50", "python_job_p50_ms", "ms", 1000),
             Row("`shoal run python --deterministic` p50", "cli_python_p50_ms", "ms", 1000),
         ],
