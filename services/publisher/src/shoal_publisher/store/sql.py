@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import RowMapping
 
-from shoal_common.db import (
-    StoreConnection,
-    StoreEngine,
-    add_to_outbox,
-    create_store_engine,
-    mark_processed,
-    run_migrations,
-)
-from shoal_common.direct_relay import DirectOutboxRelay
-from shoal_common.events import Envelope, Event
+from shoal_common.db import StoreConnection
+from shoal_common.outbox_store import OutboxSqlStore, OutboxTx
 from shoal_publisher.domain.models import Publication, PublicationStatus
 from shoal_publisher.store import tables as t
-from shoal_publisher.store.base import Publish
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -76,13 +64,9 @@ async def _find(conn: StoreConnection, execution_id: str) -> Publication | None:
     return _publication(row) if row else None
 
 
-class SqlTx:
-    def __init__(self, conn: StoreConnection) -> None:
-        self._conn = conn
-        self.staged: list[Envelope] = []  # handed to the relay once the transaction commits
-
-    async def mark_processed(self, event_id: str) -> bool:
-        return await mark_processed(self._conn, t.processed_events, event_id)
+class SqlTx(OutboxTx):
+    outbox = t.outbox
+    processed_events = t.processed_events
 
     async def find_publication(self, execution_id: str) -> Publication | None:
         return await _find(self._conn, execution_id)
@@ -96,40 +80,13 @@ class SqlTx:
         if result.rowcount == 0:
             await self._conn.execute(_INSERT_PUBLICATION, values)
 
-    async def add_events(self, *events: Event) -> list[Envelope]:
-        envelopes = await add_to_outbox(self._conn, t.outbox, *events)
-        self.staged.extend(envelopes)
-        return envelopes
 
+class SqlPublisherStore(OutboxSqlStore[SqlTx]):
+    """:class:`~shoal_publisher.store.base.PublisherStore` on SQLite (group commit) or Postgres."""
 
-class SqlPublisherStore:
-    """:class:`~shoal_publisher.store.base.PublisherStore` on a SQLAlchemy async engine."""
-
-    def __init__(self, url: str, *, engine: StoreEngine | None = None) -> None:
-        self.url = url
-        self.engine = engine or create_store_engine(url)
-        self._relay: DirectOutboxRelay | None = None
-
-    async def migrate(self) -> None:
-        await asyncio.to_thread(run_migrations, self.url, MIGRATIONS)
-
-    async def close(self) -> None:
-        await self.engine.dispose()
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqlTx]:
-        async with self.engine.begin() as conn:
-            tx = SqlTx(conn)
-            yield tx
-        # Committed: publish from memory now instead of reading the outbox back.
-        if tx.staged and self._relay is not None:
-            self._relay.handoff(tx.staged)
-
-    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> DirectOutboxRelay:
-        self._relay = DirectOutboxRelay(
-            self.engine, t.outbox, publish, service="publisher", poll_interval=poll_interval
-        )
-        return self._relay
+    service = "publisher"
+    migrations = MIGRATIONS
+    tx_type = SqlTx
 
     async def is_processed(self, event_id: str) -> bool:
         query = select(t.processed_events.c.event_id).where(
@@ -150,8 +107,3 @@ class SqlPublisherStore:
         )
         async with self.engine.connect() as conn:
             return [_publication(r) for r in (await conn.execute(query)).mappings()]
-
-    async def outbox_size(self) -> int:
-        async with self.engine.connect() as conn:
-            count = await conn.execute(select(func.count()).select_from(t.outbox))
-            return int(count.scalar_one())

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from shoal_common.db import (
-    StoreConnection,
-    StoreEngine,
-    add_to_outbox,
-    create_store_engine,
-    mark_processed,
-    run_migrations,
-)
-from shoal_common.direct_relay import DirectOutboxRelay
+from shoal_common.db import StoreConnection
 from shoal_common.errors import Conflict
-from shoal_common.events import Envelope, Event
+from shoal_common.outbox_store import OutboxSqlStore, OutboxTx
 from shoal_common.spec import VerifierType
 from shoal_verifier.domain.models import JobRecord, JobStatus, ProposalRecord, ProposalStatus
 from shoal_verifier.store import tables as t
-from shoal_verifier.store.base import Publish
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _KEY_NAME = "sealing"
@@ -145,13 +133,9 @@ async def _list_proposals(conn: StoreConnection, job_id: str) -> list[ProposalRe
     return [_proposal(r) for r in rows]
 
 
-class SqlTx:
-    def __init__(self, conn: StoreConnection) -> None:
-        self._conn = conn
-        self.staged: list[Envelope] = []  # handed to the relay once the transaction commits
-
-    async def mark_processed(self, event_id: str) -> bool:
-        return await mark_processed(self._conn, t.processed_events, event_id)
+class SqlTx(OutboxTx):
+    outbox = t.outbox
+    processed_events = t.processed_events
 
     async def find_job(self, job_id: str) -> JobRecord | None:
         return await _find_job(self._conn, job_id)
@@ -199,40 +183,13 @@ class SqlTx:
             _UPDATE_PROPOSAL, {**values, "b_execution_id": proposal.execution_id}
         )
 
-    async def add_events(self, *events: Event) -> list[Envelope]:
-        envelopes = await add_to_outbox(self._conn, t.outbox, *events)
-        self.staged.extend(envelopes)
-        return envelopes
 
+class SqlVerifierStore(OutboxSqlStore[SqlTx]):
+    """:class:`~shoal_verifier.store.base.VerifierStore` on SQLite (group commit) or Postgres."""
 
-class SqlVerifierStore:
-    """:class:`~shoal_verifier.store.base.VerifierStore` on a SQLAlchemy async engine."""
-
-    def __init__(self, url: str, *, engine: StoreEngine | None = None) -> None:
-        self.url = url
-        self.engine = engine or create_store_engine(url)
-        self._relay: DirectOutboxRelay | None = None
-
-    async def migrate(self) -> None:
-        await asyncio.to_thread(run_migrations, self.url, MIGRATIONS)
-
-    async def close(self) -> None:
-        await self.engine.dispose()
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqlTx]:
-        async with self.engine.begin() as conn:
-            tx = SqlTx(conn)
-            yield tx
-        # Committed: publish from memory now instead of reading the outbox back.
-        if tx.staged and self._relay is not None:
-            self._relay.handoff(tx.staged)
-
-    def relay(self, publish: Publish, *, poll_interval: float = 1.0) -> DirectOutboxRelay:
-        self._relay = DirectOutboxRelay(
-            self.engine, t.outbox, publish, service="verifier", poll_interval=poll_interval
-        )
-        return self._relay
+    service = "verifier"
+    migrations = MIGRATIONS
+    tx_type = SqlTx
 
     async def find_job(self, job_id: str) -> JobRecord | None:
         async with self.engine.connect() as conn:
@@ -275,8 +232,3 @@ class SqlVerifierStore:
             # Another replica stored its key first; everyone uses that one.
             async with self.engine.connect() as conn:
                 return bytes((await conn.execute(query)).scalar_one())
-
-    async def outbox_size(self) -> int:
-        async with self.engine.connect() as conn:
-            count = await conn.execute(select(func.count()).select_from(t.outbox))
-            return int(count.scalar_one())
