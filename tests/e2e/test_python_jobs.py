@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +25,12 @@ from shoal_cli.main import cli
 from shoal_cli.wasm_commands import DEFAULT_PYTHON_IMAGE
 from shoal_client.client import ShoalClient
 from shoal_common.spec import JobState
-from tests.support import DevstackThread
+from tests.support import DevstackThread, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.docker]
 
 DEADLINE = 90.0  # seconds a job may take to end (pip installs included)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def require_python_image() -> None:
@@ -141,9 +144,8 @@ def test_code_runs_in_the_docker_python(
     assert run.exit_code == 0
 
 
-def test_main_py_reads_an_input_volume_and_writes_an_output_volume(
-    stack: DevstackThread, home: Path, client: ShoalClient, tmp_path: Path
-) -> None:
+def numbers_project(client: ShoalClient, tmp_path: Path) -> tuple[str, Path]:
+    """A CSV stored by CID, and a folder with main.py (+ a helper module) summing it."""
     data = tmp_path / "numbers.csv"
     data.write_text("".join(f"{i},{i * i}\n" for i in range(1, 11)))
     cid = client.put(data)
@@ -159,6 +161,13 @@ def test_main_py_reads_an_input_volume_and_writes_an_output_volume(
         "(out / 'summary.txt').write_text(f'rows={len(rows)} total={total(rows)}\\n')\n"
         "print('cwd', pathlib.Path.cwd())\n"
     )
+    return cid, project
+
+
+def test_main_py_reads_an_input_volume_and_writes_an_output_volume(
+    stack: DevstackThread, home: Path, client: ShoalClient, tmp_path: Path
+) -> None:
+    cid, project = numbers_project(client, tmp_path)
     result, state = run_python(
         stack,
         home,
@@ -247,3 +256,44 @@ def test_missing_image_is_a_clear_error(
     reason = comments(client, state.job_id)
     assert f"image {image} not found" in reason, reason
     assert "scripts/build-python-image.sh" in reason, reason
+
+
+def test_deterministic_main_py_gets_its_context_and_volumes(
+    stack: DevstackThread, home: Path, client: ShoalClient, tmp_path: Path
+) -> None:
+    """The same program with --deterministic: CPython for WASI, same context and volumes."""
+    fetched = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fetch-python-wasm.py")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    # The node compiles the runtime once per machine (minutes the first time), then offers it.
+    wait_until(
+        lambda: any("PythonWasm" in node["engines"] for node in client.nodes()),
+        timeout=600,
+        what="a node offering deterministic Python",
+    )
+    cid, project = numbers_project(client, tmp_path)
+    (project / "main.py").write_text(
+        (project / "main.py").read_text() + "import sys; print(sys.platform)\n"
+    )
+    result, state = run_python(
+        stack,
+        home,
+        client,
+        "--deterministic",
+        "--context-path",
+        str(project),
+        "-i",
+        f"ipfs://{cid}:/inputs/numbers.csv",
+        "-o",
+        "outputs:/outputs",
+        "main.py",
+    )
+    completed(client, result, state)
+    folder = download(client, state.job_id, tmp_path / "result")
+    assert (folder / "outputs" / "summary.txt").read_text() == "rows=10 total=385\n"
+    assert (folder / "stdout").read_text() == "cwd /job\nwasi\n"
