@@ -189,3 +189,37 @@ def test_traced_handler_is_a_passthrough_when_off() -> None:
     assert calls == [env]
     with tracing.continued_from({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}):
         assert tracing.current_trace_id() is None
+
+
+async def test_sql_inside_a_traced_operation_is_a_child_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine("sqlite+aiosqlite:///:memory:")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))  # no span current: no orphan trace
+            with tracing.start_span("submit", service="requester"):
+                await conn.execute(text("SELECT :secret"), {"secret": "hunter2"})
+                with pytest.raises(OperationalError):
+                    await conn.execute(text("SELECT * FROM missing"))
+    finally:
+        await engine.dispose()
+    finished = exporter.get_finished_spans()
+    assert sorted(s.name for s in finished) == ["db SELECT", "db SELECT", "submit"]
+    (submit,) = (s for s in finished if s.name == "submit")
+    db = [s for s in finished if s.name == "db SELECT"]
+    assert len(db) == 2
+    for span in db:
+        assert span.parent is not None
+        assert span.parent.span_id == _context(submit).span_id
+        assert span.kind == tracing.SpanKind.CLIENT
+        assert span.resource.attributes["service.name"] == "shoal-requester"
+        assert span.attributes is not None
+        assert span.attributes["db.system"] == "sqlite"
+        assert "hunter2" not in str(dict(span.attributes))
+    assert db[0].status.is_ok
+    assert not db[1].status.is_ok

@@ -15,6 +15,11 @@ Each service gets its own ``TracerProvider`` (``service.name = shoal-<service>``
 the process-global one, because a devstack runs every service in one process and the spans must
 still say which service made them. They share one span processor, so one exporter.
 
+SQL statements run inside a traced operation become CLIENT child spans (``db SELECT`` ...,
+with ``db.system`` and ``db.statement``; never the parameters): SQLAlchemy engine events,
+listened to only once tracing is on. Statements with no current span (housekeeping, a commit on
+a worker thread) make no span, so no orphan traces.
+
 Context crosses NATS as W3C ``traceparent``/``tracestate`` headers: the producer calls
 :func:`inject` on the envelope's ``trace`` dict (sent as NATS headers), the consumer calls
 :func:`extract` on it and starts its span with ``context=``.
@@ -41,7 +46,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 __all__ = [
@@ -156,6 +161,7 @@ def configure_tracing(
             processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in exporters]
             _state.processor = processors[0] if len(processors) == 1 else _Fanout(processors)
             _state.enabled = True
+            _listen_to_sql()
         _provider_locked(service, instance_id, env)
         if _state.default_service is None:
             _state.default_service = service
@@ -172,6 +178,7 @@ def use_in_memory_exporter() -> InMemorySpanExporter:
         _reset_locked()
         _state.processor = SimpleSpanProcessor(exporter)
         _state.enabled = True
+        _listen_to_sql()
     return exporter
 
 
@@ -352,6 +359,68 @@ def current_trace_id() -> str | None:
         return None
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+# --- SQL statements as spans ------------------------------------------------------------------
+
+_SQL_SPAN = "_shoal_span"  # attribute on SQLAlchemy's per-statement ExecutionContext
+_STATEMENT_MAX = 2000
+
+
+def _listen_to_sql() -> None:
+    """Hook every SQLAlchemy engine (async ones run a sync Engine underneath); once a process."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "before_cursor_execute", _sql_started):
+        event.listen(Engine, "before_cursor_execute", _sql_started)
+        event.listen(Engine, "after_cursor_execute", _sql_ended)
+        event.listen(Engine, "handle_error", _sql_failed)
+
+
+def _sql_started(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    if not _state.enabled or context is None:
+        return
+    parent = trace.get_current_span()
+    if not parent.get_span_context().is_valid:
+        return
+    # The statement belongs to the service whose span is current (a devstack has several).
+    resource = getattr(parent, "resource", None)
+    provider = next((p for p in _state.providers.values() if p.resource is resource), None)
+    if provider is None:
+        return
+    words = statement.split(None, 1)
+    operation = words[0].upper() if words else "SQL"
+    span = provider.get_tracer(INSTRUMENTATION_NAME).start_span(
+        f"db {operation}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "db.system": conn.dialect.name,
+            "db.operation": operation,
+            "db.statement": statement[:_STATEMENT_MAX],
+        },
+    )
+    setattr(context, _SQL_SPAN, span)
+
+
+def _sql_ended(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    span = getattr(context, _SQL_SPAN, None)
+    if span is not None:
+        setattr(context, _SQL_SPAN, None)
+        span.end()
+
+
+def _sql_failed(exception_context: Any) -> None:
+    span = getattr(exception_context.execution_context, _SQL_SPAN, None)
+    if span is not None:
+        setattr(exception_context.execution_context, _SQL_SPAN, None)
+        span.record_exception(exception_context.original_exception)
+        span.set_status(Status(StatusCode.ERROR))
+        span.end()
 
 
 class _Fanout(SpanProcessor):
