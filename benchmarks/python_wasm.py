@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,7 @@ async def bench(iterations: int) -> dict[str, Any]:
         **{name: summary_ms(values) for name, values in worker.items()},
         "target": "warm print(1+1) under 1 s",
         "target_met": max(samples) < 1.0,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 

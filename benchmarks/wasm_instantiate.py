@@ -143,6 +143,8 @@ async def main(iterations: int) -> dict[str, object]:
         "executor_run": percentiles(end_to_end),
         "target": "worker_path p99 <= 1 ms",
         "target_met": percentiles(worker)["p99_ms"] <= 1.0,
+        # The 2-core machine is shared: a p99 of milliseconds is other processes' time slices.
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 
