@@ -223,3 +223,36 @@ async def test_sql_inside_a_traced_operation_is_a_child_span(
         assert "hunter2" not in str(dict(span.attributes))
     assert db[0].status.is_ok
     assert not db[1].status.is_ok
+
+
+@pytest.mark.parametrize("traced", [True, False])
+async def test_log_lines_in_a_handler_carry_job_execution_and_trace_ids(traced: bool) -> None:
+    from shoal_common.events import Envelope
+    from shoal_common.logging import shared_processors
+
+    if traced:
+        tracing.use_in_memory_exporter()
+    else:
+        tracing.shutdown_tracing()
+    lines: list[dict[str, object]] = []
+
+    async def handler(env: Envelope) -> None:
+        event: dict[str, object] = {"event": "result_published"}
+        for processor in shared_processors():
+            event = dict(processor(None, "info", event))  # type: ignore[arg-type]
+        lines.append(event)
+
+    envelope = Envelope(
+        type="result_accepted", producer="verifier", data={"job_id": "j-1", "execution_id": "e-1"}
+    )
+    try:
+        await tracing.traced_handler("publisher", handler)(envelope)
+    finally:
+        tracing.shutdown_tracing()
+    (line,) = lines
+    assert (line["job_id"], line["execution_id"], line["level"]) == ("j-1", "e-1", "info")
+    assert ("trace_id" in line) is traced
+    # Nothing stays bound after the handler.
+    import structlog
+
+    assert "job_id" not in structlog.contextvars.get_contextvars()

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol, TypeVar
 
+import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -316,23 +317,28 @@ def traced_handler(
 ) -> Callable[[M], Coroutine[Any, Any, None]]:
     """Wrap an event handler: each message is handled inside a CONSUMER span of ``service``
     named ``handle <type>``, child of the producer's span (from the message's ``trace``). While
-    tracing is off the handler is called as it is."""
+    tracing is off the handler is called as it is. Either way the message's ``job_id`` and
+    ``execution_id`` are bound to every log line the handler writes."""
 
     async def handle(message: M) -> None:
-        if not _state.enabled:
-            await handler(message)
-            return
         data = message.data
-        with start_span(
-            f"handle {message.type}",
-            service=service,
-            context=extract(message.trace),
-            kind=SpanKind.CONSUMER,
-            event_id=message.id,
-            job_id=_str_or_none(data.get("job_id")),
-            execution_id=_str_or_none(data.get("execution_id")),
-        ):
-            await handler(message)
+        job_id = _str_or_none(data.get("job_id"))
+        execution_id = _str_or_none(data.get("execution_id"))
+        ids = {k: v for k, v in (("job_id", job_id), ("execution_id", execution_id)) if v}
+        with structlog.contextvars.bound_contextvars(**ids):
+            if not _state.enabled:
+                await handler(message)
+                return
+            with start_span(
+                f"handle {message.type}",
+                service=service,
+                context=extract(message.trace),
+                kind=SpanKind.CONSUMER,
+                event_id=message.id,
+                job_id=job_id,
+                execution_id=execution_id,
+            ):
+                await handler(message)
 
     return handle
 
