@@ -21,6 +21,7 @@ import httpx
 import orjson
 
 from shoal_client import download
+from shoal_client.auth import RequestAuth, sign_from_env, token_from_env
 from shoal_common.cid import cid_of_path
 from shoal_common.signing import ClientKey, sign_envelope
 from shoal_common.spec import (
@@ -76,10 +77,19 @@ class ShoalClient:
         *,
         key: ClientKey | None = None,
         timeout: float = 30.0,
+        token: str | None = None,
+        sign_requests: bool | None = None,
     ) -> None:
+        """``token`` / ``sign_requests``: credentials for a private cluster (default: from
+        $SHOAL_API_TOKEN and $SHOAL_API_SIGN_REQUESTS); an open cluster needs neither."""
         self.base_url = (base_url or api_base_url()).rstrip("/")
         self._key = key
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        auth = RequestAuth(
+            token=token if token is not None else token_from_env(),
+            sign=sign_requests if sign_requests is not None else sign_from_env(),
+            key=lambda: self.key,
+        )
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, auth=auth)
 
     @property
     def key(self) -> ClientKey:

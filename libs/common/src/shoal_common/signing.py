@@ -199,6 +199,14 @@ class _PublicKey:
     client_id: str
 
 
+def public_key_of(public_key_b64: str) -> _PublicKey:
+    """The RSA key and client id of a ``client_public_key`` string (PKCS#1 DER, base64).
+
+    Raises ClientKeyError like :func:`client_id_of_public_key`.
+    """
+    return _parse_public_key(public_key_b64)
+
+
 # Every signed request carries its key, and most come from a few clients: parsing it (base64,
 # DER, OpenSSL object) costs more than a dict lookup. Failures are not cached.
 @functools.lru_cache(maxsize=4096)

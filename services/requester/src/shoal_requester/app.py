@@ -9,8 +9,10 @@ from fastapi.openapi.utils import get_openapi
 
 from shoal_common.httpapp import MetricsMiddleware, health_router, install_error_handlers
 from shoal_requester.api import content, legacy, misc, shoal
+from shoal_requester.api.auth import ApiAuthMiddleware
 from shoal_requester.api.misc import build_version_info
 from shoal_requester.api.schemas import BODY_MODELS
+from shoal_requester.settings import ApiAuth
 
 if TYPE_CHECKING:
     from shoal_requester.service import RequesterService
@@ -30,6 +32,9 @@ def create_app(service: RequesterService) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, service="requester")
+    if service.settings.api_auth is ApiAuth.PRIVATE:
+        # Outermost: nothing runs for a request that is not let in.
+        app.add_middleware(ApiAuthMiddleware, settings=service.settings)
     app.include_router(health_router(service.ready))
     app.include_router(legacy.router)
     app.include_router(legacy.router, prefix="/api/v1")

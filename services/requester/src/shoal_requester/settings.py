@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shoal_common.protocol import NODE_LOST_AFTER_S
 from shoal_common.settings import ServiceSettings
+
+
+class ApiAuth(StrEnum):
+    """Who may use the API (docs/threat-model.md, "Optional API auth")."""
+
+    # Bacalhau-compatible: reads need nothing; mutations carry their signed envelope.
+    OPEN = "open"
+    # Private cluster: every API request, reads included, carries a bearer token from
+    # ``api_tokens`` or a request signature (shoal_common.request_auth) by a client in
+    # ``api_clients``. Health, metrics, version and the OpenAPI document stay open.
+    PRIVATE = "private"
+
+
+def _csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
 class RequesterSettings(ServiceSettings):
@@ -28,6 +48,16 @@ class RequesterSettings(ServiceSettings):
     # Client ids allowed to approve executions that nodes hold under their "wait" approval
     # policy (POST /requester/approve). Empty: each job's owner approves its own.
     approver_clients: list[str] = Field(default_factory=list)
+
+    # --- optional API auth (private clusters) ---
+    api_auth: ApiAuth = ApiAuth.OPEN
+    # Comma-separated in the environment (SHOAL_REQUESTER_API_TOKENS=t1,t2); never logged.
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Client ids (sha256 of the key's modulus, as `shoal id` prints) whose signed requests
+    # are let in.
+    api_clients: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How far a signed request's timestamp may be from the requester's clock (replay window).
+    api_auth_max_skew: float = Field(300.0, gt=0)
 
     # --- scheduling ---
     # Nodes asked per placement = ceil(max(concurrency, min_bids) x over_ask). 1.0: the
@@ -60,6 +90,19 @@ class RequesterSettings(ServiceSettings):
     stuck_after: float = Field(30.0, gt=0)
     # How often a node's last_seen is written to the database (it is live in memory).
     node_persist_interval: float = Field(30.0, gt=0)
+
+    @field_validator("api_tokens", "api_clients", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _csv(value)
+
+    @model_validator(mode="after")
+    def _private_needs_credentials(self) -> RequesterSettings:
+        if self.api_auth is ApiAuth.PRIVATE and not (self.api_tokens or self.api_clients):
+            raise ValueError("api_auth=private needs api_tokens or api_clients (or both)")
+        if any(len(t.get_secret_value()) < 16 for t in self.api_tokens):
+            raise ValueError("API tokens must be at least 16 characters")
+        return self
 
     @field_validator("publisher_url")
     @classmethod
