@@ -291,6 +291,16 @@ def test_docker_translation_of_non_deterministic_jobs() -> None:
     assert entrypoint[3:] == ["shoal-python", "requirements.txt", "python", "main.py"]
 
 
+def test_the_node_default_image_is_the_one_the_build_script_makes() -> None:
+    from shoal_compute.settings import ComputeSettings
+
+    assert ComputeSettings().python_image == DEFAULT_PYTHON_IMAGE
+    script = (REPO / "scripts" / "build-python-image.sh").read_text()
+    assert 'IMAGE="${PYTHON_IMAGE:-shoal/python:$PY_VERSION}"' in script
+    assert 'PY_VERSION="${PY_VERSION:-3.11}"' in script
+    assert DEFAULT_PYTHON_IMAGE == "shoal/python:3.11"
+
+
 def test_requirements_install_offline_unless_the_job_has_network() -> None:
     offline = docker_job_for_language(
         python_job(program="main.py", requirements="requirements.txt", deterministic=False)
