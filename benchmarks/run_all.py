@@ -534,6 +534,10 @@ def main() -> None:
             repeats = 1 if args.quick else (args.repeats or t.repeats)
             runs = [run_once(t, bench_args, log) for _ in range(repeats)]
             figures = median_run(t, runs)
+        # Re-read the state: another run_all may have recorded other targets meanwhile (a
+        # target's runs take up to an hour), and writing back what was read at the start
+        # would lose them.
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
         state[t.id] = {
             "figures": figures,
             "command": command,
@@ -541,6 +545,8 @@ def main() -> None:
         }
         state_file.write_text(json.dumps(state, indent=1, default=str))
         table.write_text(render(state, args.quick))
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
     table.write_text(render(state, args.quick))
     print(f"\nwritten {table}")
 
