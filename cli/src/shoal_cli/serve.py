@@ -99,6 +99,14 @@ def serve(node_type: str, log_json: bool, **options: Any) -> None:
 
 @click.command()
 @click.option("--compute-nodes", type=int, default=3, show_default=True)
+@click.option(
+    "--simulated-nodes",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also run N lightweight simulated compute nodes in this process, over the real NATS "
+    "server (noop runs, in-memory state; for scale benchmarks, see docs/benchmarks.md).",
+)
 @click.option("--noop", is_flag=True, help="Run every engine on the noop executor (stress tests).")
 @click.option(
     "--state-dir",
@@ -123,6 +131,7 @@ def serve(node_type: str, log_json: bool, **options: Any) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 def devstack(
     compute_nodes: int,
+    simulated_nodes: int,
     noop: bool,
     state_dir: Path,
     labels: tuple[str, ...],
@@ -143,6 +152,7 @@ def devstack(
         DevstackConfig(
             state_dir=state_dir.resolve(),
             compute_nodes=compute_nodes,
+            simulated_nodes=simulated_nodes,
             noop=noop,
             labels=list(labels),
             requester_port=requester_port,

@@ -39,6 +39,8 @@ class ComputeOp(StrEnum):
 
 
 HEARTBEAT_ALL = "shoal.node.heartbeat.*"
+# Every node-addressed call, for one subscriber serving many nodes (simulated fleets).
+COMPUTE_RPC_ANY = "shoal.compute.*.*"
 
 # Core request/reply: compute -> verifier, the public key proposals are sealed to (ADR 0004).
 VERIFIER_KEY = "shoal.verifier.key"
@@ -54,6 +56,17 @@ def compute_rpc(node_id: str, op: ComputeOp) -> str:
 
 def compute_rpc_all(node_id: str) -> str:
     return f"shoal.compute.{check_token(node_id)}.*"
+
+
+def parse_compute_rpc(subject: str) -> tuple[str, ComputeOp] | None:
+    """``shoal.compute.<node>.<op>`` -> (node, op); None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["shoal", "compute"]:
+        return None
+    try:
+        return parts[2], ComputeOp(parts[3])
+    except ValueError:
+        return None
 
 
 def log_stream(execution_id: str) -> str:
