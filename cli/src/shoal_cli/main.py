@@ -270,7 +270,8 @@ def list_jobs(
         limit=limit,
         return_all=return_all,
         include_tags=list(include_tag),
-        exclude_tags=list(exclude_tag),
+        # Asking for a tag overrides excluding it (the default hides canary jobs).
+        exclude_tags=[t for t in exclude_tag if t not in include_tag],
     )
     if output_format == "json":
         out.print_json(data=jobs)
