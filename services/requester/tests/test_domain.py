@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -32,7 +33,9 @@ from shoal_requester.domain import lifecycle
 from shoal_requester.domain.inventory import LOST, PRESUMED, Inventory
 from shoal_requester.domain.matching import misfit, rendezvous, requirements, split_selectors
 from shoal_requester.domain.model import Changes, advance, history_for, new_execution_update
+from shoal_requester.domain.orchestrator import Orchestrator
 from shoal_requester.domain.validation import validate_submit
+from shoal_requester.settings import RequesterSettings
 from shoal_requester.store.memory import MemoryRequesterStore
 from shoal_requester.testing import GiB, harness, make_execution, make_job, make_spec, node_info
 
@@ -400,6 +403,47 @@ def test_rendezvous_spreads_jobs_and_follows_weight() -> None:
     assert weighted["node-0"] > 1600
     # Stable: the same job ranks nodes the same way every time.
     assert rendezvous("job", "node-0", 1.0) == rendezvous("job", "node-0", 1.0)
+
+
+def _cluster_orchestrator(nodes: int, tmp_path: Path, **settings: Any) -> Orchestrator:
+    inventory = Inventory(lost_after=3600.0)
+    for i in range(nodes):
+        inventory.observe(Heartbeat(info=node_info(f"node-{i:04d}"), seq=1, sent_at=0.0))
+    return Orchestrator(
+        store=MemoryRequesterStore(),
+        inventory=inventory,
+        compute=cast(Any, None),  # never reached: only candidates are computed here
+        settings=RequesterSettings(state_dir=tmp_path, node_id="requester", **settings),
+    )
+
+
+def test_large_clusters_rank_a_window_of_nodes_yet_spread_jobs_evenly(tmp_path: Path) -> None:
+    """Placement in a big cluster looks at ``candidate_sample`` free nodes, not all of them,
+    and over many jobs still uses every node about equally."""
+    orchestrator = _cluster_orchestrator(200, tmp_path, candidate_sample=16)
+    first: Counter[str] = Counter()
+    for j in range(2000):
+        job = make_job(job_id=f"job-{j}")
+        free, busy, _ = orchestrator._candidates(job, orchestrator._requirements(job), [])
+        assert len(free) == 16
+        assert busy == []
+        first[free[0].id] += 1
+    assert len(first) == 200  # every node gets work
+    assert max(first.values()) < 4 * 2000 / 200
+
+
+def test_jobs_with_preferences_still_rank_every_node(tmp_path: Path) -> None:
+    orchestrator = _cluster_orchestrator(100, tmp_path, candidate_sample=16)
+    favour = [{"Key": "favour_zone", "Operator": "exists"}]
+    job = make_job(spec=make_spec(NodeSelectors=favour))
+    free, _, fitting = orchestrator._candidates(job, orchestrator._requirements(job), [])
+    assert (len(free), fitting) == (100, 100)
+    plain = make_job()
+    free, _, _ = orchestrator._candidates(plain, orchestrator._requirements(plain), [])
+    assert len(free) == 16
+    unsampled = _cluster_orchestrator(100, tmp_path, candidate_sample=0)
+    free, _, _ = unsampled._candidates(plain, unsampled._requirements(plain), [])
+    assert len(free) == 100
 
 
 # --- inventory -----------------------------------------------------------------------------------

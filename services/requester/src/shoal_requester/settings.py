@@ -65,6 +65,9 @@ class RequesterSettings(ServiceSettings):
     # always accepted, and a rare refusal costs one more round-trip to the next-ranked node;
     # over-asking would double bid messages and node reservations for every job to save that.
     over_ask: float = Field(1.0, ge=1.0)
+    # In clusters larger than this, placement looks at a window of nodes until it holds this
+    # many free fitting ones, then ranks those (0: always look at every node).
+    candidate_sample: int = Field(32, ge=0)
     # Replacement rounds after failed executions or refused bids (0 = never retry).
     max_retries: int = Field(3, ge=0)
     # How long a job may wait in Queued for a node with free capacity.

@@ -184,6 +184,12 @@ def rendezvous(job_id: str, node_id: str, weight: float) -> float:
     return -max(weight, 1e-6) / math.log(u)
 
 
+def rendezvous_start(job_id: str, count: int) -> int:
+    """Where a job's window over ``count`` nodes starts: uniform, and the same on every retry."""
+    digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count if count else 0
+
+
 def capacity_weight(free: Capacity, total: Capacity) -> float:
     # A floor so a nearly-full node still gets a (small) share instead of none.
     return 0.05 + free.free_fraction(total)

@@ -63,6 +63,7 @@ from shoal_requester.domain.matching import (
     misfit,
     preference_score,
     rendezvous,
+    rendezvous_start,
     reputation_weight,
     requirements,
 )
@@ -310,16 +311,34 @@ class Orchestrator:
     def _candidates(
         self, job: JobRecord, req: Requirements, executions: Sequence[ExecutionRecord]
     ) -> tuple[list[TrackedNode], list[TrackedNode], int]:
-        """(free candidates in asking order, busy candidates, nodes that fit at all)."""
+        """(free candidates in asking order, busy candidates, nodes that fit at all).
+
+        In a large cluster only a window of nodes is looked at: checking and scoring every node
+        for every job made placement O(cluster) (~40 us a node: 25 decisions/s at 1,000 nodes).
+        The window starts at a place drawn from the job id and ends once it holds
+        ``candidate_sample`` free fitting nodes, which rendezvous then ranks ("power of d
+        choices": near-even spread at O(d) a job). Jobs with data-locality or label preferences
+        still look at every node, and so does any job the window cannot serve: ``fitting`` is
+        exact whenever no free candidate was found.
+        """
         # A node keeps one execution per job; a node where it failed is a last resort.
         taken = {e.node_id for e in executions if e.state is not ES.FAILED}
         failed_here = {e.node_id for e in executions if e.state is ES.FAILED}
-        fitting = [n for n in self._inventory.schedulable() if misfit(n.info, req) is None]
+        nodes = self._inventory.schedulable()
+        wanted_cids = {i.cid for i in job.spec.inputs or [] if i.cid}
+        sample = self._settings.candidate_sample
+        if sample and len(nodes) > sample and not wanted_cids and not req.preferences:
+            start = rendezvous_start(job.id, len(nodes))
+            nodes = nodes[start:] + nodes[:start]
+        else:
+            sample = 0
         free: list[tuple[tuple[int, int, int, float], TrackedNode]] = []
         busy: list[TrackedNode] = []
-        # Data locality: a node that already holds the job's input CIDs is asked first.
-        wanted_cids = {i.cid for i in job.spec.inputs or [] if i.cid}
-        for node in fitting:
+        fitting = 0
+        for node in nodes:
+            if misfit(node.info, req) is not None:
+                continue
+            fitting += 1
             if node.id in taken:
                 continue
             node_free = node.free
@@ -330,12 +349,15 @@ class Orchestrator:
             rank = (
                 1 if node.id in failed_here else 0,
                 -preference_score(node.info, req),
+                # Data locality: a node that already holds the job's input CIDs is asked first.
                 -len(wanted_cids.intersection(node.info.local_cids)) if wanted_cids else 0,
                 -rendezvous(job.id, node.id, weight),
             )
             free.append((rank, node))
+            if sample and len(free) >= sample and not failed_here:
+                break
         free.sort(key=lambda pair: pair[0])
-        return [n for _, n in free], busy, len(fitting)
+        return [n for _, n in free], busy, fitting
 
     async def _place_locked(self, job: JobRecord, executions: list[ExecutionRecord]) -> None:
         settings = self._settings
