@@ -92,6 +92,15 @@ def test_issue_metrics_are_registered_with_their_labels(
     assert set(_labels_of(name, kind)) == set(labels), name
 
 
+def test_no_id_is_a_label() -> None:
+    # An id per job/execution/node would make one series each: unbounded cardinality.
+    shoal = {c for name, c in REGISTRY._names_to_collectors.items() if name.startswith("shoal_")}
+    assert len(shoal) > 20
+    for collector in shoal:
+        for label in getattr(collector, "_labelnames", ()):
+            assert not label.endswith(("id", "_id", "cid")), (collector, label)
+
+
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
