@@ -61,13 +61,14 @@ class TrackedNode:
 
     @property
     def free(self) -> Capacity:
-        free = self.info.available - self.pending + self.freed
-        total = self.info.total
+        # Field by field into one model (not three): this runs for every candidate of every
+        # placement.
+        a, p, f, total = self.info.available, self.pending, self.freed, self.info.total
         return Capacity(
-            cpu=min(free.cpu, total.cpu),
-            memory=min(free.memory, total.memory),
-            disk=min(free.disk, total.disk),
-            gpu=min(free.gpu, total.gpu),
+            cpu=min(a.cpu - p.cpu + f.cpu, total.cpu),
+            memory=min(a.memory - p.memory + f.memory, total.memory),
+            disk=min(a.disk - p.disk + f.disk, total.disk),
+            gpu=min(a.gpu - p.gpu + f.gpu, total.gpu),
         )
 
     def record(self) -> NodeRecord:
@@ -113,6 +114,9 @@ class Inventory:
         # Reputation by node id, lost nodes included (a node that comes back keeps its record):
         # loaded from the store, then kept up to date with what this process commits.
         self._standing: dict[str, NodeStanding] = {}
+        # schedulable() per placement was O(cluster); rebuilt only when membership or a state
+        # changes (heartbeats that change neither leave it be).
+        self._schedulable: list[TrackedNode] | None = None
 
     # --- liveness ----------------------------------------------------------------------------
 
@@ -124,6 +128,7 @@ class Inventory:
             if rec.state == LOST or rec.id in self._nodes:
                 continue
             info = NodeInfo.model_validate(rec.info)
+            self._schedulable = None
             self._nodes[rec.id] = TrackedNode(
                 info=info,
                 state=PRESUMED,
@@ -150,12 +155,15 @@ class Inventory:
                 signature=signature,
             )
             self._nodes[info.node_id] = node
+            self._schedulable = None
             return Observation(node=node, new=True, changed=True, more_free=True)
         before_free = node.free
         was = node.state
         node.info = info
         node.last_seen, node.last_seen_mono = now, now_mono
         node.state = STOPPING if beat.stopping else LIVE
+        if node.state != was:
+            self._schedulable = None
         node.epoch += 1
         node.pending, node.freed = Capacity(), Capacity()
         changed = signature != node.signature or node.state != was
@@ -179,6 +187,7 @@ class Inventory:
         for node in self._nodes.values():
             if node.state != LOST and now - node.last_seen_mono > self._lost_after:
                 node.state = LOST
+                self._schedulable = None
                 lost.append(node)
         return lost
 
@@ -208,7 +217,10 @@ class Inventory:
         return [self._nodes[k] for k in sorted(self._nodes)]
 
     def schedulable(self) -> list[TrackedNode]:
-        return [n for n in self._nodes.values() if n.schedulable]
+        """Live (or presumed live) nodes, in a stable order; callers must not modify it."""
+        if self._schedulable is None:
+            self._schedulable = [n for n in self._nodes.values() if n.schedulable]
+        return self._schedulable
 
     def live_count(self) -> int:
         return sum(1 for n in self._nodes.values() if n.state == LIVE)
