@@ -492,6 +492,7 @@ def test_inventory_loss_and_revival() -> None:
     inv.observe(_beat("a", cpu_free=4))
     clock.now = 3.0
     inv.observe(_beat("b", cpu_free=4))
+    assert [n.id for n in inv.schedulable()] == ["a", "b"]  # cached from here on
     clock.now = 4.0
     assert [n.id for n in inv.expire()] == ["a"]
     assert inv.expire() == []
