@@ -20,7 +20,12 @@ import shoal_compute.metrics
 import shoal_publisher.metrics
 import shoal_requester.metrics
 import shoal_verifier.metrics
+from shoal_common.bus import NatsBus
+from shoal_common.events import Envelope, ExecutionCancelled
+from shoal_common.natsserver import NatsServer
 from shoal_common.protocol import Capacity, Heartbeat
+from shoal_common.subjects import Producer
+from shoal_common.testing import wait_for
 from shoal_compute.domain.capacity import CapacityLedger
 from shoal_publisher.adapters.fetch import HttpResultFetcher
 from shoal_requester.domain.inventory import Inventory
@@ -162,3 +167,34 @@ async def test_result_bytes_fetched_for_publishing_are_counted(tmp_path: Path) -
         await fetcher.close()
     assert path.read_bytes() == body
     assert sample("shoal_publisher_result_bytes_total") - before == len(body)
+
+
+@pytest.mark.integration
+async def test_consume_errors_and_redeliveries_are_counted(nats_server: NatsServer) -> None:
+    bus = await NatsBus.connect(nats_server.url, name="test-metrics")
+    failures = [1]  # the first delivery fails, the redelivery succeeds
+    handled: list[str] = []
+
+    async def flaky(env: Envelope) -> None:
+        if failures:
+            failures.pop()
+            raise RuntimeError("database away")
+        handled.append(env.id)
+
+    before = (
+        sample("shoal_bus_errors_total", operation="handle"),
+        sample("shoal_bus_redeliveries_total", consumer="metrics-test"),
+    )
+    try:
+        await bus.consume_events(producer=Producer.COMPUTE, durable="metrics-test", handler=flaky)
+        event = Envelope.wrap(ExecutionCancelled(job_id="j", execution_id="e", node_id="n"))
+        await bus.publish_event(event)
+
+        async def done() -> bool:
+            return handled == [event.id]
+
+        await wait_for(done, timeout=10)
+    finally:
+        await bus.close()
+    assert sample("shoal_bus_errors_total", operation="handle") - before[0] == 1
+    assert sample("shoal_bus_redeliveries_total", consumer="metrics-test") - before[1] == 1

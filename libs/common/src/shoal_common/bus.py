@@ -222,9 +222,11 @@ class NatsBus:
                 telemetry.NATS_REDELIVERIES.labels(consumer=durable).inc()
             await handler(_decode(msg.data))
         except Poison as exc:
+            telemetry.NATS_ERRORS.labels(operation="drop").inc()
             log.error("event_dropped", consumer=durable, error=str(exc))
             await msg.term()
         except Exception as exc:
+            telemetry.NATS_ERRORS.labels(operation="handle").inc()
             log.warning("event_handler_failed", consumer=durable, error=repr(exc))
             with contextlib.suppress(Exception):
                 await msg.nak(delay=REDELIVERY_DELAY_S)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+# operation: publish, fetch (consuming), handle (a handler failed: redelivered), drop (poison)
 NATS_ERRORS = Counter("shoal_bus_errors_total", "NATS publish/consume failures", ["operation"])
 NATS_REDELIVERIES = Counter(
     "shoal_bus_redeliveries_total", "JetStream messages delivered more than once", ["consumer"]
