@@ -511,7 +511,17 @@ def main() -> None:
     p.add_argument("--skip", default="", help="Target numbers to leave out.")
     p.add_argument("--repeats", type=int, default=None, help="Override the runs per target.")
     p.add_argument("--render", action="store_true", help="Only rebuild the table.")
+    p.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="ID=ARGS",
+        help="Run target ID with these arguments instead of its full ones, e.g. "
+        "'3=--rate 40 --duration 120' when the machine cannot reach the goal's load; the "
+        "table's command column shows what ran.",
+    )
     args = p.parse_args()
+    overrides = {k.strip(): shlex.split(v) for k, _, v in (a.partition("=") for a in args.args)}
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     state_file = STATE.with_suffix(".quick.json") if args.quick else STATE
@@ -525,7 +535,7 @@ def main() -> None:
         if (only and t.id not in only) or t.id in skip:
             continue
         needs = t.available()
-        bench_args = t.quick if args.quick else t.full
+        bench_args = overrides.get(t.id) or (t.quick if args.quick else t.full)
         command = " ".join(["uv run python", f"benchmarks/{t.script}", *bench_args])
         if needs:
             print(f"\n[{t.id}] {t.title}: SKIPPED, needs {needs}")
