@@ -13,13 +13,10 @@ a node asked beyond its capacity just says no.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-
-import orjson
 
 from shoal_common.protocol import Capacity, Heartbeat, NodeInfo
 from shoal_common.spec import utcnow
@@ -48,7 +45,7 @@ class TrackedNode:
     pending: Capacity = field(default_factory=Capacity)
     freed: Capacity = field(default_factory=Capacity)
     holds: int = 0
-    signature: str = ""  # hash of the non-volatile info, to persist only real changes
+    signature: tuple[object, ...] = ()  # the non-volatile info, to persist only real changes
     persisted_mono: float = 0.0
 
     @property
@@ -98,9 +95,10 @@ class _Hold:
     epoch: int
 
 
-def _signature(info: NodeInfo) -> str:
-    data = info.model_dump(mode="json", exclude=set(_VOLATILE))
-    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+def _signature(info: NodeInfo) -> tuple[object, ...]:
+    # Compared, never stored: the field values themselves (~5 us), not a hash of their JSON
+    # (~110 us, on every heartbeat: a tenth of a core at 1,000 nodes).
+    return tuple(v for k, v in info.__dict__.items() if k not in _VOLATILE)
 
 
 class Inventory:
