@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,10 @@ class Devstack:
             "nats_monitor_url": self.nats.monitor_url,
             "publisher_url": publisher_url,
         }
+        if self.fleet is not None:
+            # The process holding the simulated nodes (with the requester, verifier and
+            # publisher: an upper bound on the fleet's own footprint).
+            info["simulator_pid"] = str(os.getpid())
         (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
 
         # Consumers before producers: the publisher and verifier are ready when results come.
