@@ -126,6 +126,8 @@ class SimulatedNode:
     reservations: dict[str, tuple[Job, asyncio.TimerHandle]] = field(default_factory=dict)
     running: dict[str, bool] = field(default_factory=dict)  # execution -> cancel requested
     seq: int = 0
+    _info_json: bytes = b""
+    _encoded_for: tuple[Capacity, int] | None = None
 
     def hold(self, execution_id: str, resources: Capacity) -> bool:
         if not (self.used + resources).fits_in(self.total):
@@ -140,12 +142,16 @@ class SimulatedNode:
             self.used = self.used - resources
 
     def heartbeat(self, *, stopping: bool = False) -> bytes:
+        """The Heartbeat message in wire form; the info is encoded again only if it changed."""
         self.seq += 1
-        self.info["available"] = (self.total - self.used).model_dump(mode="json")
-        self.info["running"] = len(self.running)
-        return orjson.dumps(
-            {"info": self.info, "seq": self.seq, "sent_at": time.time(), "stopping": stopping}
-        )
+        state = (self.used, len(self.running))
+        if state != self._encoded_for:
+            self.info["available"] = (self.total - self.used).model_dump(mode="json")
+            self.info["running"] = len(self.running)
+            self._info_json = orjson.dumps(self.info)
+            self._encoded_for = state
+        tail = orjson.dumps({"seq": self.seq, "sent_at": time.time(), "stopping": stopping})
+        return b'{"info":' + self._info_json + b"," + tail[1:]
 
 
 Handler = Callable[[SimulatedNode, bytes], Awaitable[Message]]
