@@ -129,6 +129,7 @@ TARGETS = [
         ["--nodes", "10,100,1000", "--jobs", "30", "--warmup", "5"],
         [
             Row("max NATS msgs/job", "max_nats_msgs_per_job", "", 8),
+            Row("max bid msgs/job (node-addressed)", "max_bid_msgs_per_job", "", 8),
             Row("p50 at 10 nodes", "n10_p50_ms", "ms"),
             Row("p50 at 1,000 nodes", "n1000_p50_ms", "ms"),
             Row(
