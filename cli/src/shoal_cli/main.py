@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -24,8 +25,29 @@ out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Commands whose modules import the services (and with them SQLAlchemy, FastAPI, NATS, ...):
+# loaded only when named, so `shoal list` does not pay for `shoal devstack`'s imports.
+_LAZY_COMMANDS = {
+    "serve": ("shoal_cli.serve", "serve"),
+    "devstack": ("shoal_cli.serve", "devstack"),
+    "canary": ("shoal_cli.canary", "canary"),
+}
+
+
 class ShoalGroup(click.Group):
     """Turns the errors users can cause into one clear line and exit code 1, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in _LAZY_COMMANDS:
+            module, attr = _LAZY_COMMANDS[cmd_name]
+            found = getattr(importlib.import_module(module), attr)
+            assert isinstance(found, click.Command)
+            self.add_command(found, cmd_name)
+        return found
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -419,13 +441,6 @@ def node_describe(ctx: click.Context, node_id: str) -> None:
 
 
 def _register_optional() -> None:
-    """Commands whose modules may pull heavy dependencies are imported lazily."""
-    from shoal_cli.canary import canary
-    from shoal_cli.serve import devstack, serve
-
-    cli.add_command(serve)
-    cli.add_command(devstack)
-    cli.add_command(canary)
     from shoal_cli.wasm_commands import register
 
     register(cli)
