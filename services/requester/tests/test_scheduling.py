@@ -435,3 +435,20 @@ async def test_restart_confirms_accepted_executions_with_their_nodes() -> None:
         by_id = {e.id: e for e in await h.executions(job.id)}
         assert by_id[lost.id].state is ES.FAILED
         assert by_id[lost.id].status == "the node never received the bid acceptance"
+
+
+async def test_describe_says_why_a_queued_job_waits_now() -> None:
+    async with harness() as h:
+        await h.node("busy-1", cpu=1, run="hang")
+        spec = make_spec(Resources={"CPU": "1"})
+        await h.submit(spec)
+        waiting = await h.submit(spec)
+        queued = await h.wait_state(waiting, JS.QUEUED)
+        assert queued.status == "no node with 1 CPU free; 1 node matches the job"
+        # Another node joins, busy too: the stored reason is from before, describe says now.
+        await h.node("busy-2", cpu=1, available=Capacity(cpu=0, memory=GiB))
+        described = await h.service.jobs.describe(waiting)
+        assert described.job.state is JS.QUEUED
+        assert described.job.status == "no node with 1 CPU free; 2 nodes match the job"
+        history = [r.comment for r in await h.history(waiting) if r.new == "Queued"]
+        assert history == ["no node with 1 CPU free; 1 node matches the job"]

@@ -604,13 +604,21 @@ class Orchestrator:
         min_free: int = 1,
     ) -> None:
         queue = job.state is JS.NEW or (job.state is JS.IN_PROGRESS and t.active == 0)
-        # A job already Queued gets its reason refreshed when the situation changed (a write
-        # only then), so `shoal describe` and the history say why it still waits.
+        # A job already Queued gets its status refreshed when the reason changed (a write only
+        # then), so its status says why it still waits; the history keeps the first reason.
         why = self.waiting_reason(job, executions, min_free=min_free) or "waiting for capacity"
-        if queue or (job.state is JS.QUEUED and job.status != why):
+        if queue:
             update = self._queued(job, utcnow(), why=why)
             await self._apply(Changes(jobs=[update]), job, executions)
             job = update.after
+        elif job.state is JS.QUEUED and job.status != why:
+            update = self._queued(job, utcnow(), why=why)
+            try:
+                await self._apply(Changes(jobs=[update]), job, executions)
+            except Conflict:
+                pass  # changed meanwhile: whoever changed it decides what comes next
+            else:
+                job = update.after
         if job.id not in self._pending:
             self._pending[job.id] = job
             metrics.QUEUED_JOBS.set(len(self._pending))
