@@ -254,6 +254,31 @@ TARGETS = [
         "10 clients; reputation steers jobs away from nodes caught returning wrong results "
         "(benchmarks/verification.py, docs/benchmarks.md)",
     ),
+    Target(
+        "11",
+        "Chaos: 10,000 noop jobs, a random compute node of 5 killed every 30 s (issue 8)",
+        "chaos",
+        "chaos.py",
+        ["--jobs", "10000", "--kill-every", "30"],
+        ["--jobs", "500", "--kill-every", "10", "--warmup", "20"],
+        [
+            Row("success", "success_rate", "", 0.999, "higher"),
+            Row("lost", "lost", "", 0),
+            Row("duplicates", "duplicates", "", 0),
+            Row("p99", "p99_ms", "ms", 15_000),
+            Row("p50", "p50_ms", "ms"),
+            Row("kills", "kills", ""),
+            Row("time to detect, max", "detect_s_max", "s"),
+            Row("time to recover, max", "recover_s_max", "s"),
+            Row("killed node live again, p50", "rejoin_s_p50", "s"),
+        ],
+        "p99_ms",
+        repeats=1,
+        note="every service its own process (shoal serve), SIGKILL of a random compute node on "
+        "a fixed 30 s cadence, restarted 5 s later (benchmarks/chaos.py, docs/reliability.md "
+        "F9); detect = kill -> node not live at the requester, recover = kill -> the last job "
+        "that had an execution on it terminal",
+    ),
 ]
 
 
