@@ -396,7 +396,12 @@ def _load(figs: dict[str, Any]) -> Any:
         if key in figs:
             return figs[key]
     avg = figs.get("loadavg")
-    return avg[0] if isinstance(avg, list) and avg else "-"
+    if isinstance(avg, list) and avg:
+        return avg[0]
+    before, after = figs.get("loadavg_before"), figs.get("loadavg_after")
+    if isinstance(before, list) and isinstance(after, list) and before and after:
+        return round((before[0] + after[0]) / 2, 2)  # docker_job_overhead, get_throughput
+    return "-"
 
 
 def render(state: dict[str, Any], quick: bool) -> str:
