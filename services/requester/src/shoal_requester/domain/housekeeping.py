@@ -57,9 +57,11 @@ class Housekeeper:
             if seen.new:
                 log.info("node_joined", node_id=seen.node.id)
             self._persist(seen.node)
+            # Counting live nodes is O(cluster): only when a state may have changed (a node
+            # joined, came back or is stopping), never on every heartbeat; tick() recounts.
+            metrics.LIVE_NODES.set(self._inventory.live_count())
         if seen.more_free:
             self._orchestrator.capacity_freed()
-        metrics.LIVE_NODES.set(self._inventory.live_count())
 
     def _persist(self, node: TrackedNode) -> None:
         self._inventory.mark_persisted(node)
