@@ -1,8 +1,10 @@
 """A devstack of simulated compute nodes only (``--simulated-nodes``): the scale benchmarks' mode.
 
 The requester, verifier and publisher are the real ones; the 50 nodes are a SimulatedFleet
-over the real NATS server. Jobs must complete through the same protocol as on real nodes:
-bids, accept, a ResultProposed (sealed for deterministic jobs), verification, publishing.
+over the real NATS server, in the devstack's process (to reach the fleet) or, as the
+benchmarks run it, in a child process. Jobs must complete through the same protocol as on
+real nodes: bids, accept, a ResultProposed (sealed for deterministic jobs), verification,
+publishing.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def spec(
 def test_fifty_simulated_nodes_list_and_run_jobs(
     make_devstack: StackFactory, tmp_path: Path
 ) -> None:
-    stack = make_devstack(compute_nodes=0, simulated_nodes=NODES)
+    stack = make_devstack(compute_nodes=0, simulated_nodes=NODES, simulated_in_process=True)
     client = stack.client(tmp_path / "k")
 
     nodes = client.nodes()
@@ -72,8 +74,14 @@ def test_fifty_simulated_nodes_list_and_run_jobs(
 def test_deterministic_job_is_sealed_and_verified_on_simulated_nodes(
     make_devstack: StackFactory, tmp_path: Path
 ) -> None:
-    """Sealed proposals: the verifier opens them, finds three equal results, accepts all."""
-    client = make_devstack(compute_nodes=0, simulated_nodes=NODES).client(tmp_path / "k")
+    """Sealed proposals: the verifier opens them, finds three equal results, accepts all.
+
+    The fleet runs in a child process here, as ``shoal devstack --simulated-nodes`` runs it.
+    """
+    stack = make_devstack(compute_nodes=0, simulated_nodes=NODES)
+    assert stack.stack.fleet.pid > 0
+    client = stack.client(tmp_path / "k")
+    assert len(client.nodes()) == NODES
     job = client.submit(
         spec(concurrency=3, verifier=VerifierType.DETERMINISTIC, publisher=PublisherType.NOOP)
     )
@@ -87,7 +95,7 @@ def test_stopped_fleet_leaves_the_schedulable_inventory(
     make_devstack: StackFactory, tmp_path: Path
 ) -> None:
     """A stopping heartbeat per node: the requester stops scheduling there at once."""
-    stack = make_devstack(compute_nodes=0, simulated_nodes=5)
+    stack = make_devstack(compute_nodes=0, simulated_nodes=5, simulated_in_process=True)
     client = stack.client(tmp_path / "k")
     assert {n["state"] for n in client.nodes()} == {"live"}
     stack.call(stack.stack.fleet.stop())

@@ -6,7 +6,8 @@ process, each with its own SQLite file under the state dir, sharing one NATS con
 and start it again with the same ``--state-dir``: the jobs are still there.
 
 ``simulated_nodes`` adds that many lightweight compute nodes (shoal_compute.simulated: noop
-runs, memory-only state, one shared subscription) beside the real ones, for scale benchmarks.
+runs, memory-only state, one shared subscription) beside the real ones, for scale benchmarks;
+they run in one child process of their own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +43,9 @@ class DevstackConfig:
     compute_nodes: int = 3
     # Lightweight simulated nodes (noop only, in memory) beside the real ones: scale benchmarks.
     simulated_nodes: int = 0
+    # By default they run in a child process (their heartbeats off the requester's event loop,
+    # as real nodes would be); in process, ``Devstack.fleet`` is the SimulatedFleet (tests).
+    simulated_in_process: bool = False
     noop: bool = False
     # One "k=v,k2=v2" string per node (cycled); a node is also labelled name=compute-<i>.
     labels: list[str] = field(default_factory=list)
@@ -187,7 +192,11 @@ class Devstack:
             compute = ComputeService(make_settings(ComputeSettings, **node_values), bus=self.bus)
             self.computes.append(compute)
         if cfg.simulated_nodes > 0:
-            self.fleet = self._simulated_fleet(self.bus)
+            self.fleet = (
+                self._simulated_fleet(self.bus)
+                if cfg.simulated_in_process
+                else SimulatorProcess(cfg, self.nats.url)
+            )
         (cfg.state_dir / "ports.json").write_text(json.dumps(self.ports))
         # Where everything is, for tools (benchmarks read the NATS message counters).
         info = {
@@ -196,10 +205,6 @@ class Devstack:
             "nats_monitor_url": self.nats.monitor_url,
             "publisher_url": publisher_url,
         }
-        if self.fleet is not None:
-            # The process holding the simulated nodes (with the requester, verifier and
-            # publisher: an upper bound on the fleet's own footprint).
-            info["simulator_pid"] = str(os.getpid())
         (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
 
         # Consumers before producers: the publisher and verifier are ready when results come.
@@ -214,6 +219,12 @@ class Devstack:
         # A simulated fleet's heartbeats are spread over an interval; persisting 1,000 new
         # nodes takes the requester a few seconds more.
         await self._wait_for_nodes(timeout=10.0 + self.config.simulated_nodes / 100)
+        if self.fleet is not None:
+            # The process holding the simulated nodes (target 7 measures it); in process, that
+            # is this one, with the requester, verifier and publisher: an upper bound.
+            pid = self.fleet.pid if isinstance(self.fleet, SimulatorProcess) else os.getpid()
+            info["simulator_pid"] = str(pid)
+            (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
         (cfg.state_dir / "ready").touch()
 
     def _simulated_fleet(self, bus: NatsBus) -> Any:
@@ -277,6 +288,70 @@ class Devstack:
             await self.bus.close()
         if self.nats:
             await asyncio.to_thread(self.nats.stop)
+
+
+class SimulatorProcess:
+    """``python -m shoal_compute.simulated`` as a child: the devstack's simulated nodes."""
+
+    def __init__(self, config: DevstackConfig, nats_url: str) -> None:
+        from shoal_common.spec import parse_bytes
+
+        self.args = [
+            "--nats-url",
+            nats_url,
+            "--count",
+            str(config.simulated_nodes),
+            "--state-dir",
+            str(config.state_dir / "simulated"),
+            "--arch",
+            node_arch(),
+            "--labels",
+            json.dumps([parse_labels(text) for text in config.labels]),
+        ]
+        if config.compute_cpu:
+            self.args += ["--cpu", str(config.compute_cpu)]
+        memory = parse_bytes(config.compute_memory)
+        if memory:
+            self.args += ["--memory", str(memory)]
+        self._log = config.state_dir / "simulated.log"
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc is not None else 0
+
+    async def start(self, timeout: float = 60.0) -> None:
+        log_file = self._log.open("ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "shoal_compute.simulated",
+                *self.args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+            )
+        finally:
+            log_file.close()  # the child has its own copy
+        assert self._proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            await self.stop()
+            raise RuntimeError(f"the simulated nodes did not start; see {self._log}")
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()  # a stopping heartbeat per node, then exit
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def _port_free(port: int) -> bool:

@@ -5,6 +5,11 @@
     ...
     await fleet.stop()    # a "stopping" heartbeat per node: the requester drops them at once
 
+or in a process of its own (what ``shoal devstack --simulated-nodes N`` starts, so the fleet's
+heartbeats do not share the requester's event loop, as real nodes would not):
+
+    python -m shoal_compute.simulated --nats-url nats://... --count 1000 --state-dir .sim
+
 Each simulated node is a real participant on the real NATS server: it heartbeats its node info
 (``shoal.node.heartbeat.<node>``), answers ``ask_bid`` / ``bid_accepted`` / ``bid_rejected`` /
 ``cancel`` / ``logs`` / ``approve`` addressed to it, and emits the events a real node emits
@@ -483,3 +488,57 @@ def _write_empty_result(results: Path) -> None:
     (results / "stdout").write_bytes(b"")
     (results / "stderr").write_bytes(b"")
     write_exit_code(results, 0)
+
+
+# --- a process of its own: ``python -m shoal_compute.simulated`` (what the devstack starts) ---
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a fleet until SIGTERM/SIGINT; prints ``ready`` once it is up."""
+    import argparse
+    import json
+    import signal
+
+    p = argparse.ArgumentParser(prog="python -m shoal_compute.simulated", description=__doc__)
+    p.add_argument("--nats-url", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--prefix", default="sim")
+    p.add_argument("--cpu", type=float, default=FleetConfig.cpu)
+    p.add_argument("--memory", type=int, default=FleetConfig.memory, help="Bytes per node.")
+    p.add_argument("--arch", default=FleetConfig.arch)
+    p.add_argument("--labels", default="[]", help="JSON list of label maps, cycled.")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    from shoal_common.logging import configure_logging
+
+    configure_logging(level=args.log_level)  # stderr: stdout carries only "ready"
+    config = FleetConfig(
+        count=args.count,
+        prefix=args.prefix,
+        cpu=args.cpu,
+        memory=args.memory,
+        arch=args.arch,
+        labels=tuple(json.loads(args.labels)),
+    )
+
+    async def run() -> None:
+        bus = await NatsBus.connect(args.nats_url, name="shoal-simulated-fleet")
+        fleet = SimulatedFleet(config, bus=bus, state_dir=args.state_dir)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await fleet.start()
+            print("ready", flush=True)
+            await stop.wait()
+        finally:
+            await fleet.stop()
+            await bus.close()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
