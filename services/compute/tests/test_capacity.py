@@ -8,6 +8,7 @@ import pytest
 
 from shoal_common.events import ExecutionFailed, ResultProposed, new_id
 from shoal_common.protocol import Capacity
+from shoal_common.testing import wait_for
 from shoal_compute.domain.capacity import Allocation, CapacityLedger
 from shoal_compute.domain.queue import ExecutorQueue
 from shoal_compute.executors.base import ExecutionRequest
@@ -52,16 +53,21 @@ def test_queue_never_overcommits_and_backfills() -> None:
 
 
 def test_gpus_are_assigned_per_execution() -> None:
+    """Each run gets its own GPU ids; GPUs are never queued for (the job waits elsewhere)."""
     ledger = CapacityLedger(Capacity(cpu=8, memory=GB, gpu=2), ("g0", "g1"), queue_factor=1)
     allocations: dict[str, Allocation] = {}
     queue = ExecutorQueue(ledger, lambda eid, alloc: allocations.__setitem__(eid, alloc))
-    for eid in ("a", "b", "c"):
-        assert ledger.try_commit(eid, Capacity(cpu=1, memory=1, gpu=1))
+    one_gpu = Capacity(cpu=1, memory=1, gpu=1)
+    for eid in ("a", "b"):
+        assert ledger.try_commit(eid, one_gpu)
         queue.push(eid)
     assert {allocations["a"].gpu_ids, allocations["b"].gpu_ids} == {("g0",), ("g1",)}
-    assert "c" not in allocations
+    assert not ledger.try_commit("c", one_gpu)  # CPU and memory would queue; GPUs do not
+    assert ledger.try_commit("d", Capacity(cpu=1, memory=1))
     freed = allocations["a"].gpu_ids
     queue.done("a")
+    assert ledger.try_commit("c", one_gpu)
+    queue.push("c")
     assert allocations["c"].gpu_ids == freed
 
 
@@ -120,12 +126,23 @@ async def test_behaviour_25_disk(make_node: MakeNode) -> None:
 async def test_behaviour_26_gpu_jobs_get_distinct_declared_gpus(make_node: MakeNode) -> None:
     hook = Concurrency()
     node = await make_node(gpu_ids=["fake-0", "fake-1"], hook=hook, queue_factor=1.0)
-    eids = [await node.run(noop_job(gpu="1")) for _ in range(4)]
-    await asyncio.sleep(0.05)
-    assert hook.running == 2
+    first = [await node.run(noop_job(gpu="1")) for _ in range(2)]
+    # Both GPUs taken: a third GPU job is refused (it waits at the requester, which places it
+    # on whichever node frees a GPU first) rather than queued behind them here.
+    refused = await node.ask(noop_job(gpu="1"))
+    assert not refused.accepted
+    assert "capacity" in refused.reason
+
+    async def both_running() -> bool:
+        return hook.running == 2
+
+    await wait_for(both_running)
     assert sorted(hook.gpus) == [("fake-0",), ("fake-1",)]
     hook.gate.set()
-    for eid in eids:
+    for eid in first:
+        assert isinstance(await node.outcome(eid), ResultProposed)
+    second = [await node.run(noop_job(gpu="1")) for _ in range(2)]
+    for eid in second:
         assert isinstance(await node.outcome(eid), ResultProposed)
     assert all(len(g) == 1 and g[0] in ("fake-0", "fake-1") for g in hook.gpus)
     assert hook.peak == 2

@@ -149,6 +149,11 @@ class AskBid(Message):
         return Job.model_validate(self.job)
 
 
+# A bid refused only because the node's capacity is committed right now: the requester may ask
+# that node again for the same job once it reports room (other refusals are final for the job).
+AT_CAPACITY = "node is at capacity"
+
+
 class BidAnswer(Message):
     execution_id: str
     accepted: bool

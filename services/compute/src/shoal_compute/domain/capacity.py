@@ -3,7 +3,8 @@
 Two levels, so a node can hold a small queue without ever over-committing its hardware:
 
 * **committed** = reserved (said yes, no decision yet) + queued + running. A bid is only
-  answered yes while ``committed + job`` fits in ``total x (1 + queue_factor)``.
+  answered yes while ``committed + job`` fits in ``total x (1 + queue_factor)`` (GPUs: in
+  ``total``; they are never queued for).
 * **running** = what the executor queue has started. A start needs ``running + job <= total``
   and enough free GPU ids, which are then assigned to that execution alone (behaviour 26).
 
@@ -27,11 +28,14 @@ class Allocation:
 
 
 def _scaled(total: Capacity, factor: float) -> Capacity:
+    # GPUs are not queued for: a GPU job waiting here behind another would hold its place while
+    # a GPU on another node sits idle (behaviour 26). It waits at the requester instead, which
+    # places it on whichever node frees a GPU first.
     return Capacity(
         cpu=total.cpu * factor,
         memory=int(total.memory * factor),
         disk=int(total.disk * factor),
-        gpu=int(total.gpu * factor),
+        gpu=total.gpu,
     )
 
 

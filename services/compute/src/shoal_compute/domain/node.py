@@ -25,6 +25,7 @@ from shoal_common import tracing
 from shoal_common.errors import ShoalError
 from shoal_common.events import BidAnswered, ExecutionCancelled, ExecutionFailed
 from shoal_common.protocol import (
+    AT_CAPACITY,
     Ack,
     ApproveBid,
     AskBid,
@@ -157,7 +158,7 @@ class ComputeNode:
     def _reserve(self, ask: AskBid, job: Job, resources: Capacity) -> BidOutcome:
         eid = ask.execution_id
         if not self.ledger.try_commit(eid, resources):
-            return BidOutcome.no("node is at capacity")
+            return BidOutcome.no(AT_CAPACITY)
         reservation = Reservation(ask=ask, job=job, resources=resources)
         reservation.timer = asyncio.get_running_loop().call_later(
             self._reservation_timeout, self._expire, eid

@@ -78,6 +78,15 @@ class TrackedNode:
         )
 
 
+def _grew(before: Capacity, after: Capacity) -> bool:
+    return (
+        after.cpu > before.cpu + 1e-9
+        or after.memory > before.memory
+        or after.gpu > before.gpu
+        or after.disk > before.disk
+    )
+
+
 @dataclass(frozen=True)
 class Observation:
     """What a heartbeat changed, so callers persist and wake queued jobs only when needed."""
@@ -156,6 +165,7 @@ class Inventory:
             self._schedulable = None
             return Observation(node=node, new=True, changed=True, more_free=True)
         before_free = node.free
+        reported_before = node.info.available
         was = node.state
         node.info = info
         node.last_seen, node.last_seen_mono = now, now_mono
@@ -167,12 +177,10 @@ class Inventory:
         changed = signature != node.signature or node.state != was
         node.signature = signature
         after = node.free
-        more_free = (
-            after.cpu > before_free.cpu + 1e-9
-            or after.memory > before_free.memory
-            or after.gpu > before_free.gpu
-            or after.disk > before_free.disk
-        )
+        # Also when the node itself reports more than last time, even if this process had
+        # already counted the release: a bid refused in between (the node had not freed it yet)
+        # left a job queued that only this wake-up retries.
+        more_free = _grew(before_free, after) or _grew(reported_before, info.available)
         revived = was in (LOST, PRESUMED) and node.state == LIVE
         return Observation(
             node=node, new=was == LOST, changed=changed or revived, more_free=more_free or revived

@@ -40,7 +40,7 @@ from shoal_common.events import (
     VerificationFailed,
     new_id,
 )
-from shoal_common.protocol import AskBid, BidDecision, CancelExecution
+from shoal_common.protocol import AT_CAPACITY, AskBid, BidDecision, CancelExecution
 from shoal_common.spec import (
     Deal,
     ExecutionStateType,
@@ -321,8 +321,14 @@ class Orchestrator:
         still look at every node, and so does any job the window cannot serve: ``fitting`` is
         exact whenever no free candidate was found.
         """
-        # A node keeps one execution per job; a node where it failed is a last resort.
-        taken = {e.node_id for e in executions if e.state is not ES.FAILED}
+        # A node keeps one execution per job; a node where it failed is a last resort; a node
+        # that was only full when asked may be asked again.
+        taken = {
+            e.node_id
+            for e in executions
+            if e.state is not ES.FAILED
+            and not (e.state is ES.ASK_FOR_BID_REJECTED and e.status == AT_CAPACITY)
+        }
         failed_here = {e.node_id for e in executions if e.state is ES.FAILED}
         nodes = self._inventory.schedulable()
         wanted_cids = {i.cid for i in job.spec.inputs or [] if i.cid}
