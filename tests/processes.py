@@ -84,9 +84,14 @@ class ProcessCluster:
     def start(self) -> ProcessCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.nats = start_nats_server(self.root / "nats", log_file=self.root / "nats.log")
+        self._start_services()
+        return self
+
+    def _start_services(self) -> None:
+        """Publisher, verifier, requester and the compute nodes, on ``self.nats``; then wait."""
         self.requester_port = free_port()
         publisher_port = free_port()
-        publisher_url = f"http://127.0.0.1:{publisher_port}"
+        self.publisher_url = f"http://127.0.0.1:{publisher_port}"
         self.services["publisher"] = self._service(
             "publisher", "publisher", "--port", str(publisher_port)
         ).start()
@@ -97,7 +102,7 @@ class ProcessCluster:
             "--port",
             str(self.requester_port),
             "--publisher-url",
-            publisher_url,
+            self.publisher_url,
         ).start()
         for i in range(self.compute_nodes):
             name = f"compute-{i}"
@@ -108,11 +113,10 @@ class ProcessCluster:
                 name,
                 "--noop",
                 "--content-store-url",
-                publisher_url,
+                self.publisher_url,
                 env=self.compute_env,
             ).start()
         self.wait_ready()
-        return self
 
     @property
     def api_url(self) -> str:

@@ -62,37 +62,6 @@ class FaultCluster(ProcessCluster):
         self._start_services()
         return self
 
-    def _start_services(self) -> None:
-        # ProcessCluster.start's body, on our NATS (it would start its own).
-        self.requester_port = free_port()
-        publisher_port = free_port()
-        self.publisher_url = f"http://127.0.0.1:{publisher_port}"
-        self.services["publisher"] = self._service(
-            "publisher", "publisher", "--port", str(publisher_port)
-        ).start()
-        self.services["verifier"] = self._service("verifier", "verifier").start()
-        self.services["requester"] = self._service(
-            "requester",
-            "requester",
-            "--port",
-            str(self.requester_port),
-            "--publisher-url",
-            self.publisher_url,
-        ).start()
-        for i in range(self.compute_nodes):
-            name = f"compute-{i}"
-            self.services[name] = self._service(
-                "compute",
-                name,
-                "--node-id",
-                name,
-                "--noop",
-                "--content-store-url",
-                self.publisher_url,
-                env=self.compute_env,
-            ).start()
-        self.wait_ready()
-
     def restart_nats(self) -> None:
         """Start NATS again on the same port and JetStream store (after a kill)."""
         self.nats = start_nats_server(
