@@ -19,7 +19,16 @@ from shoal_common.protocol import DEFAULT_CPU, DEFAULT_MEMORY, Capacity
 from shoal_common.spec import ExecutionStateType, JobStateType, utcnow
 from shoal_common.testing import wait_for
 from shoal_requester.domain.model import Changes, new_execution_update
-from shoal_requester.testing import GiB, harness, make_execution, make_job, make_spec
+from shoal_requester.testing import (
+    FakeComputeNode,
+    GiB,
+    Harness,
+    harness,
+    make_execution,
+    make_job,
+    make_spec,
+    node_info,
+)
 
 ES = ExecutionStateType
 JS = JobStateType
@@ -452,3 +461,25 @@ async def test_describe_says_why_a_queued_job_waits_now() -> None:
         assert described.job.status == "no node with 1 CPU free; 2 nodes match the job"
         history = [r.comment for r in await h.history(waiting) if r.new == "Queued"]
         assert history == ["no node with 1 CPU free; 1 node matches the job"]
+
+
+async def test_asks_that_never_reach_a_node_are_retried_not_counted_as_refusals() -> None:
+    """B16: a node that cannot be reached yet (NATS just back, the node not re-subscribed) is
+    asked again shortly; the job runs there once it answers, and no retry is spent."""
+    async with harness() as h:
+        node = FakeComputeNode(h.bus, "late", info=node_info("late"))
+        await node.heartbeat()  # known to the requester, not answering calls yet
+        job_id = await h.submit()
+        await wait_for(lambda: _asked_without_answer(h, job_id), timeout=5)
+        await node.start(send_heartbeat=False)
+        job = await h.wait_state(job_id, timeout=10)
+        assert job.state is JS.COMPLETED, job.status
+        assert job.retries_used == 0
+        execs = await h.executions(job_id)
+        assert states(execs)[ES.COMPLETED] == 1
+        await node.stop()
+
+
+async def _asked_without_answer(h: Harness, job_id: str) -> bool:
+    execs = await h.executions(job_id)
+    return any(e.status.startswith("no bid: ") for e in execs)

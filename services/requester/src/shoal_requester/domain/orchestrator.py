@@ -124,10 +124,28 @@ class _AfterCommit:
     waiting: JobRecord | None = None  # wants capacity: keep it in the pending queue
 
 
+# The status of an ask that never reached the node (no responders, timeout): not a refusal.
+NOT_ASKED = "no bid: "
+# After asks that could not be delivered, try the queue again this soon (NATS coming back, a node
+# re-subscribing) instead of waiting for a node's capacity to change.
+_REDELIVER_ASKS_AFTER_S = 1.0
+
+
+def _unreached(e: ExecutionRecord) -> bool:
+    return e.state is ES.ASK_FOR_BID_REJECTED and e.status.startswith(NOT_ASKED)
+
+
+def _may_ask_again(e: ExecutionRecord) -> bool:
+    """The node only could not be reached, or was full: asking it again is fair."""
+    return _unreached(e) or (e.state is ES.ASK_FOR_BID_REJECTED and e.status == AT_CAPACITY)
+
+
 def _is_retry_round(executions: Sequence[ExecutionRecord]) -> bool:
-    """A round replaces something that failed or was refused (the first round is free)."""
+    """A round replaces something that failed or was refused (the first round is free, and an
+    ask that never reached its node does not count)."""
     return any(
         e.state in (ES.FAILED, ES.ASK_FOR_BID_REJECTED, ES.BID_REJECTED, ES.CANCELLED)
+        and not _unreached(e)
         for e in executions
     )
 
@@ -324,10 +342,7 @@ class Orchestrator:
         # A node keeps one execution per job; a node where it failed is a last resort; a node
         # that was only full when asked may be asked again.
         taken = {
-            e.node_id
-            for e in executions
-            if e.state is not ES.FAILED
-            and not (e.state is ES.ASK_FOR_BID_REJECTED and e.status == AT_CAPACITY)
+            e.node_id for e in executions if e.state is not ES.FAILED and not _may_ask_again(e)
         }
         failed_here = {e.node_id for e in executions if e.state is ES.FAILED}
         nodes = self._inventory.schedulable()
@@ -478,7 +493,10 @@ class Orchestrator:
         else:
             # Nothing accepted: try again later, or stop if nothing can ever fit.
             job_now = job.evolve(retries_used=retries)
-            can_more = retries < settings.max_retries and (bool(busy) or bool(free))
+            unreached = any(a.kind == "error" for a in answers)
+            can_more = retries < settings.max_retries and (bool(busy) or bool(free) or unreached)
+            if unreached:
+                asyncio.get_running_loop().call_later(_REDELIVER_ASKS_AFTER_S, self.capacity_freed)
             out = lifecycle.outcome(job_now, t_after, can_place_more=can_more)
             if out is not None:
                 changes.jobs.append(_end(job, out, now, **fields))
@@ -540,7 +558,7 @@ class Orchestrator:
         if answer.kind != "yes":
             reason = answer.reason or "bid rejected"
             if answer.kind == "error":
-                reason = f"no bid: {reason}"
+                reason = f"{NOT_ASKED}{reason}"
             rec = record.evolve(state=ES.ASK_FOR_BID_REJECTED, status=reason)
             return new_execution_update(rec, [asked, (ES.ASK_FOR_BID_REJECTED, reason)])
         got = (ES.ASK_FOR_BID_ACCEPTED, "bid received")
