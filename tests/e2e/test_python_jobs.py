@@ -164,14 +164,21 @@ def numbers_project(client: ShoalClient, tmp_path: Path) -> tuple[str, Path]:
     return cid, project
 
 
-def test_main_py_reads_an_input_volume_and_writes_an_output_volume(
-    stack: DevstackThread, home: Path, client: ShoalClient, tmp_path: Path
-) -> None:
-    cid, project = numbers_project(client, tmp_path)
+def run_numbers_main(
+    stack: DevstackThread,
+    home: Path,
+    client: ShoalClient,
+    tmp_path: Path,
+    cid: str,
+    project: Path,
+    *flags: str,
+) -> Path:
+    """Run the numbers project's main.py over its input; its results, summary checked."""
     result, state = run_python(
         stack,
         home,
         client,
+        *flags,
         "--context-path",
         str(project),
         "-i",
@@ -183,6 +190,14 @@ def test_main_py_reads_an_input_volume_and_writes_an_output_volume(
     completed(client, result, state)
     folder = download(client, state.job_id, tmp_path / "result")
     assert (folder / "outputs" / "summary.txt").read_text() == "rows=10 total=385\n"
+    return folder
+
+
+def test_main_py_reads_an_input_volume_and_writes_an_output_volume(
+    stack: DevstackThread, home: Path, client: ShoalClient, tmp_path: Path
+) -> None:
+    cid, project = numbers_project(client, tmp_path)
+    folder = run_numbers_main(stack, home, client, tmp_path, cid, project)
     assert (folder / "stdout").read_text() == "cwd /job\n"
     assert (folder / "exitCode").read_text().strip() == "0"
 
@@ -280,20 +295,5 @@ def test_deterministic_main_py_gets_its_context_and_volumes(
     (project / "main.py").write_text(
         (project / "main.py").read_text() + "import sys; print(sys.platform)\n"
     )
-    result, state = run_python(
-        stack,
-        home,
-        client,
-        "--deterministic",
-        "--context-path",
-        str(project),
-        "-i",
-        f"ipfs://{cid}:/inputs/numbers.csv",
-        "-o",
-        "outputs:/outputs",
-        "main.py",
-    )
-    completed(client, result, state)
-    folder = download(client, state.job_id, tmp_path / "result")
-    assert (folder / "outputs" / "summary.txt").read_text() == "rows=10 total=385\n"
+    folder = run_numbers_main(stack, home, client, tmp_path, cid, project, "--deterministic")
     assert (folder / "stdout").read_text() == "cwd /job\nwasi\n"

@@ -64,5 +64,8 @@ class PrivatePostgres:
 
 def private_postgres() -> PrivatePostgres:
     if _bin_dir() is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
-        pytest.skip("needs Debian's postgresql binaries (/usr/lib/postgresql/*/bin)")
+        pytest.skip(
+            "needs Debian's postgresql binaries (/usr/lib/postgresql/*/bin) and runuser; "
+            "make postgres installs them"
+        )
     return PrivatePostgres().init()

@@ -275,7 +275,13 @@ def test_nats_fsyncs_every_write() -> None:
     }
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose")
+needs_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="needs Debian's docker-compose (make docker-setup installs it)",
+)
+
+
+@needs_compose
 def test_docker_compose_accepts_the_files() -> None:
     for files in ([COMPOSE], [COMPOSE, SMOKE], [COMPOSE, CLUSTER], [COMPOSE, SMOKE, CLUSTER]):
         args = [a for f in files for a in ("-f", str(f))]
@@ -284,7 +290,7 @@ def test_docker_compose_accepts_the_files() -> None:
         subprocess.run(["docker-compose", *args, "config", "-q"], check=True, timeout=60)
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose")
+@needs_compose
 def test_cluster_profile_replicates_streams_three_times_on_fsyncing_nodes() -> None:
     args = ["-f", str(COMPOSE), "-f", str(CLUSTER), "--profile", "cluster", "config"]
     done = subprocess.run(["docker-compose", *args], check=True, timeout=60, capture_output=True)

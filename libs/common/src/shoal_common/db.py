@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -172,23 +173,17 @@ def outbox_table(metadata: MetaData) -> Table:
 
 
 # Statements built once per table: building and cache-keying a SQLAlchemy statement on every
-# call cost more than running it (stress profile). Keyed by the Table object.
-_PREBUILT: dict[tuple[str, int, str], Any] = {}
+# call cost more than running it (stress profile).
+@functools.cache
+def _insert(table: Table) -> Any:
+    return insert(table)
 
 
-def _prebuilt(kind: str, table: Table, dialect: str = "") -> Any:
-    key = (kind, id(table), dialect)
-    stmt = _PREBUILT.get(key)
-    if stmt is None:
-        if kind == "insert":
-            stmt = insert(table)
-        elif kind == "insert_new":  # INSERT ... ON CONFLICT DO NOTHING, per dialect
-            dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            stmt = dialect_insert(table).on_conflict_do_nothing()
-        else:
-            raise ValueError(kind)
-        _PREBUILT[key] = stmt
-    return stmt
+@functools.cache
+def _insert_if_new(table: Table, dialect: str) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING, in the dialect's own syntax."""
+    dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return dialect_insert(table).on_conflict_do_nothing()
 
 
 def _dialect(conn: StoreConnection) -> str:
@@ -201,7 +196,7 @@ async def add_to_outbox(conn: StoreConnection, outbox: Table, *events: Event) ->
     if envelopes:
         now = time.time()
         await conn.execute(
-            _prebuilt("insert", outbox),
+            _insert(outbox),
             [{"event_id": e.id, "envelope": e.to_bytes(), "created": now} for e in envelopes],
         )
     return envelopes
@@ -305,7 +300,7 @@ def processed_events_table(metadata: MetaData) -> Table:
 async def mark_processed(conn: StoreConnection, table: Table, event_id: str) -> bool:
     """Record ``event_id`` in the caller's transaction; False if it was already applied."""
     result = await conn.execute(
-        _prebuilt("insert_new", table, _dialect(conn)),
+        _insert_if_new(table, _dialect(conn)),
         {"event_id": event_id, "processed": time.time()},
     )
     return bool(result.rowcount == 1)

@@ -47,6 +47,18 @@ class _Result:
     publisher: PublisherSpec
     partial: bool = False
 
+    @classmethod
+    def of(cls, evt: ResultAccepted | ExecutionFailed, *, partial: bool) -> _Result:
+        return cls(
+            evt.job_id,
+            evt.execution_id,
+            evt.node_id,
+            evt.result_cid or "",
+            evt.result_url,
+            evt.publisher,
+            partial,
+        )
+
 
 class Publishing:
     """Turns accepted results into publications."""
@@ -73,34 +85,13 @@ class Publishing:
 
     async def on_accepted(self, event_id: str, evt: ResultAccepted) -> None:
         """Publish one accepted result (idempotent on ``event_id`` and on the execution)."""
-        await self._handle(
-            event_id,
-            _Result(
-                evt.job_id,
-                evt.execution_id,
-                evt.node_id,
-                evt.result_cid,
-                evt.result_url,
-                evt.publisher,
-            ),
-        )
+        await self._handle(event_id, _Result.of(evt, partial=False))
 
     async def on_failed(self, event_id: str, evt: ExecutionFailed) -> None:
         """Publish what a failed run wrote, if the node addressed it (else nothing to do)."""
         if not evt.result_cid:
             return
-        await self._handle(
-            event_id,
-            _Result(
-                evt.job_id,
-                evt.execution_id,
-                evt.node_id,
-                evt.result_cid,
-                evt.result_url,
-                evt.publisher,
-                partial=True,
-            ),
-        )
+        await self._handle(event_id, _Result.of(evt, partial=True))
 
     async def _handle(self, event_id: str, evt: _Result) -> None:
         if await self._store.is_processed(event_id):

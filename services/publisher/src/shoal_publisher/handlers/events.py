@@ -8,34 +8,34 @@ idempotent on the envelope id and on the execution.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from pydantic import ValidationError
 
 from shoal_common.bus import EventHandler, Poison
 from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted
 from shoal_publisher.publishing import Publishing
 
+E = TypeVar("E", ResultAccepted, ExecutionFailed)
 
-def accepted_handler(publishing: Publishing) -> EventHandler:
+
+def _handler(kind: type[E], apply: Callable[[str, E], Awaitable[None]]) -> EventHandler:
     async def handle(envelope: Envelope) -> None:
         try:
             evt = envelope.parse()
         except (KeyError, ValidationError) as exc:
             raise Poison(f"cannot read {envelope.type} event {envelope.id}: {exc}") from exc
-        if isinstance(evt, ResultAccepted):
-            await publishing.on_accepted(envelope.id, evt)
+        if isinstance(evt, kind):
+            await apply(envelope.id, evt)
 
     return handle
+
+
+def accepted_handler(publishing: Publishing) -> EventHandler:
+    return _handler(ResultAccepted, publishing.on_accepted)
 
 
 def failed_handler(publishing: Publishing) -> EventHandler:
     """``ExecutionFailed`` with a partial result: publish what the run wrote (behaviour 11)."""
-
-    async def handle(envelope: Envelope) -> None:
-        try:
-            evt = envelope.parse()
-        except (KeyError, ValidationError) as exc:
-            raise Poison(f"cannot read {envelope.type} event {envelope.id}: {exc}") from exc
-        if isinstance(evt, ExecutionFailed):
-            await publishing.on_failed(envelope.id, evt)
-
-    return handle
+    return _handler(ExecutionFailed, publishing.on_failed)
