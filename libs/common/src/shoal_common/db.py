@@ -30,6 +30,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
@@ -45,6 +46,14 @@ StoreEngine = AsyncEngine | GroupCommitEngine
 StoreConnection = AsyncConnection | LoopConnection
 
 log = structlog.get_logger(__name__)
+
+# "The database cannot be reached right now" (Postgres restarting, a dropped connection, SQLite
+# busy): the operation did nothing durable and may be tried again later.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

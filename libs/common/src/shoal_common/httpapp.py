@@ -10,10 +10,10 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import exc as sa_exc
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from shoal_common import telemetry, tracing
+from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_common.errors import ShoalError, Unavailable
 
 ReadyCheck = Callable[[], Awaitable[bool]]
@@ -64,9 +64,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # The database (or another backing service) is unreachable, e.g. Postgres restarting: the
     # request did nothing, so say "retry" (503) instead of reporting a server bug (500).
-    @app.exception_handler(ConnectionError)
-    @app.exception_handler(sa_exc.OperationalError)
-    @app.exception_handler(sa_exc.InterfaceError)
     async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
         err = Unavailable(
             "a backing service (database) is unavailable", hint="retry in a few seconds"
@@ -74,6 +71,9 @@ def install_error_handlers(app: FastAPI) -> None:
         response = problem_response(err)
         response.headers["Retry-After"] = "2"
         return response
+
+    for error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(error, _unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,7 @@ HTTP: ``.app`` (served by the owner, e.g. ``shoal serve`` or the devstack, with 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -36,6 +37,9 @@ from shoal_requester.store.base import RequesterStore
 from shoal_requester.store.sql import SqlRequesterStore
 
 log = structlog.get_logger(__name__)
+
+# How long /readyz waits for the database before saying NOT READY.
+READY_PROBE_TIMEOUT = 2.0
 
 
 class _LateBoundBus:
@@ -142,7 +146,16 @@ class RequesterService:
         log.info("requester_stopped", node_id=self.node_id)
 
     async def ready(self) -> bool:
-        return self._running
+        """Running, and its database answers: a load balancer should not send submits that
+        could only be refused with 503."""
+        if not self._running:
+            return False
+        try:
+            await asyncio.wait_for(self.store.ping(), READY_PROBE_TIMEOUT)
+        except Exception as exc:  # any failure to reach the database means not ready
+            log.warning("requester_not_ready", reason=repr(exc))
+            return False
+        return True
 
     def live_node_count(self) -> int:
         """Compute nodes currently sending heartbeats (the devstack waits on this)."""

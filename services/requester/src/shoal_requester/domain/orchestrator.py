@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import itertools
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
+from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_common.errors import AlreadyTerminal, Conflict, NotFound
 from shoal_common.events import (
     BidAnswered,
@@ -129,6 +130,9 @@ NOT_ASKED = "no bid: "
 # After asks that could not be delivered, try the queue again this soon (NATS coming back, a node
 # re-subscribing) instead of waiting for a node's capacity to change.
 _REDELIVER_ASKS_AFTER_S = 1.0
+# A placement that found the database unreachable is tried again after 0.5 s, 1 s, ... 5 s.
+PLACEMENT_RETRY_FIRST = 0.5
+PLACEMENT_RETRY_MAX = 5.0
 
 
 def _unreached(e: ExecutionRecord) -> bool:
@@ -210,8 +214,9 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._closing:
+            coro.close()  # never awaited: close it, or Python warns at garbage collection
             return
 
         async def run() -> None:
@@ -222,9 +227,14 @@ class Orchestrator:
             except Exception:
                 log.exception("requester_task_failed", task=name)
 
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():
+                coro.close()  # cancelled before ``run`` started: ``coro`` was never awaited
+
         task = asyncio.create_task(run(), name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(done)
 
     @property
     def pending_count(self) -> int:
@@ -289,10 +299,32 @@ class Orchestrator:
 
     def schedule(self, job: JobRecord) -> None:
         """Place a just-submitted job in the background (no executions exist yet)."""
-        self._spawn(self.place(job.id, fresh=job, executions=[]), f"place-{job.id}")
+        self._spawn(self._place_when_reachable(job.id, fresh=job), f"place-{job.id}")
 
     def request_placement(self, job_id: str) -> None:
-        self._spawn(self.place(job_id), f"place-{job_id}")
+        self._spawn(self._place_when_reachable(job_id), f"place-{job_id}")
+
+    async def _place_when_reachable(self, job_id: str, *, fresh: JobRecord | None = None) -> None:
+        """Place a job; while the database cannot be reached, try again with backoff.
+
+        Without this, a placement that met a database outage waited for the stuck-job sweep
+        (``stuck_after``, 30 s) after the database came back (B12).
+        """
+        delay = PLACEMENT_RETRY_FIRST
+        while True:
+            try:
+                if fresh is not None:
+                    await self.place(job_id, fresh=fresh, executions=[])
+                else:
+                    await self.place(job_id)
+                return
+            except DATABASE_UNAVAILABLE as exc:
+                log.warning(
+                    "placement_waits_for_database", job_id=job_id, retry_in=delay, error=repr(exc)
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PLACEMENT_RETRY_MAX)
+            fresh = None  # read the job again: the database is the truth after an outage
 
     def capacity_freed(self) -> None:
         """Capacity appeared somewhere: try the jobs waiting for it."""

@@ -64,6 +64,10 @@ class RequesterStore(Protocol):
 
     # --- reads ---
 
+    async def ping(self) -> None:
+        """Round-trip to the database (readiness); raises when it is unreachable."""
+        ...
+
     async def find_job(self, job_id: str) -> JobRecord | None: ...
 
     async def get_job(self, job_id: str) -> JobRecord:

@@ -127,6 +127,9 @@ class MemoryRequesterStore:
 
     # --- reads -----------------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        return None
+
     async def find_job(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)
 

@@ -732,6 +732,9 @@ class SqlRequesterStore:
 
     # --- reads -----------------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+
     async def find_job(self, job_id: str) -> JobRecord | None:
         return await self._read(lambda conn: _find_job(conn, job_id))
 
