@@ -483,3 +483,22 @@ async def test_asks_that_never_reach_a_node_are_retried_not_counted_as_refusals(
 async def _asked_without_answer(h: Harness, job_id: str) -> bool:
     execs = await h.executions(job_id)
     return any(e.status.startswith("no bid: ") for e in execs)
+
+
+async def test_background_work_never_started_is_closed_not_left_unawaited() -> None:
+    """B10: a task cancelled before it ran (or spawned while stopping) closes its coroutine, so
+    shutdown does not warn 'coroutine ... was never awaited'."""
+    import inspect
+
+    async def work() -> None:
+        return None
+
+    async with harness() as h:
+        orchestrator = h.service.orchestrator
+        cancelled_early = work()
+        orchestrator._spawn(cancelled_early, "never-runs")
+        await orchestrator.stop()  # cancels the task before its first step
+        assert inspect.getcoroutinestate(cancelled_early) == inspect.CORO_CLOSED
+        while_closing = work()
+        orchestrator._spawn(while_closing, "too-late")
+        assert inspect.getcoroutinestate(while_closing) == inspect.CORO_CLOSED
