@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal_cli.processes import serve_command
 from shoal_client.client import ShoalClient
+from shoal_common.childproc import die_with_parent
 from shoal_common.natsserver import NatsServer, free_port, start_nats_server
 from shoal_common.signing import ClientKey
 from tests.support import wait_until
@@ -26,7 +27,12 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                self.args, env=self.env, stdout=out, stderr=out, start_new_session=True
+                self.args,
+                env=self.env,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),  # an interrupted test run leaves no service behind
             )
         return self
 
@@ -66,24 +72,16 @@ class ProcessCluster:
         self, node_type: str, name: str, *extra: str, env: dict[str, str] | None = None
     ) -> ServiceProcess:
         assert self.nats is not None
-        args = [
-            sys.executable,
-            "-m",
-            "shoal_cli",
-            "serve",
-            "--node-type",
-            node_type,
-            "--nats-url",
-            self.nats.url,
-            "--state-dir",
-            str(self.root / name),
-            *extra,
-        ]
+        args = serve_command(
+            node_type, "--nats-url", self.nats.url, "--state-dir", str(self.root / name), *extra
+        )
         return ServiceProcess(args, {**os.environ, **(env or {})}, self.root / f"{name}.log")
 
     def start(self) -> ProcessCluster:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.nats = start_nats_server(self.root / "nats", log_file=self.root / "nats.log")
+        self.nats = start_nats_server(
+            self.root / "nats", log_file=self.root / "nats.log", die_with_parent=True
+        )
         self._start_services()
         return self
 

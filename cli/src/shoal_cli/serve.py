@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from pathlib import Path
@@ -11,21 +12,29 @@ from typing import Any
 
 import click
 
+from shoal_cli.processes import NODE_TYPES
 from shoal_common.logging import configure_logging
 
-NODE_TYPES = ("requester", "compute", "verifier", "publisher")
+PROCESS_CHOICES = ("1", "2", "all")
 
 
-async def _run_until_signalled(start: Any, stop: Any) -> None:
+async def _run_until_signalled(start: Any, stop: Any, failed: asyncio.Event | None = None) -> bool:
+    """start(), then wait for SIGINT/SIGTERM (or ``failed``), then stop(); True if ``failed``."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    waits = [asyncio.ensure_future(stopping.wait())]
+    if failed is not None:
+        waits.append(asyncio.ensure_future(failed.wait()))
     try:
         await start()
-        await stopping.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for waiting in waits:
+            waiting.cancel()
         await stop()
+    return failed is not None and failed.is_set()
 
 
 @click.command()
@@ -43,21 +52,42 @@ async def _run_until_signalled(start: Any, stop: Any) -> None:
 @click.option("--content-store-url", default=None, help="Compute: the publisher's content URL.")
 @click.option("--bad-results", is_flag=True, help="Compute: return wrong results (tests, demos).")
 @click.option("--noop", is_flag=True, help="Compute: run every engine on the noop executor.")
+@click.option(
+    "--settings-json",
+    default=None,
+    help="Settings values as a JSON object (what `shoal devstack` passes its children); "
+    "the options above override them.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Create this file once the service is started and its HTTP server listens.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
 @click.option("--log-json/--log-text", default=True, show_default=True)
-def serve(node_type: str, log_json: bool, **options: Any) -> None:
+def serve(
+    node_type: str,
+    settings_json: str | None,
+    ready_file: Path | None,
+    log_level: str,
+    log_json: bool,
+    **options: Any,
+) -> None:
     """Run one Shoal service until interrupted (settings also from SHOAL_<SERVICE>_* env)."""
-    configure_logging(json=log_json)
+    configure_logging(level=log_level, json=log_json)
     from shoal_cli.devstack import make_settings, parse_labels
+    from shoal_cli.processes import serve_http, service_classes
 
     if options.get("labels"):
         options["labels"] = parse_labels(options["labels"])
     options["noop_all_engines"] = options.pop("noop") or None
     options["bad_results"] = options.pop("bad_results") or None
-    module = __import__(f"shoal_{node_type}.service", fromlist=["x"])
-    settings_module = __import__(f"shoal_{node_type}.settings", fromlist=["x"])
-    name = node_type.capitalize()
-    settings = make_settings(getattr(settings_module, f"{name}Settings"), **options)
-    service = getattr(module, f"{name}Service")(settings)
+    values = json.loads(settings_json) if settings_json else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    service_cls, settings_cls = service_classes(node_type)
+    settings = make_settings(settings_cls, **values)
+    service = service_cls(settings)
 
     async def main() -> None:
         servers: list[Any] = []
@@ -66,21 +96,14 @@ def serve(node_type: str, log_json: bool, **options: Any) -> None:
             await service.start()
             app = getattr(service, "app", None)
             if app is not None and settings.port:
-                import uvicorn
-
-                config = uvicorn.Config(
-                    app,
-                    host=settings.host,
-                    port=settings.port,
-                    log_level="warning",
-                    lifespan="off",
-                    access_log=False,
-                )
-                server = uvicorn.Server(config)
-                servers.append((server, asyncio.create_task(server.serve())))
+                servers.append(await serve_http(app, settings.port, settings.host))
+            if ready_file is not None:
+                await asyncio.to_thread(ready_file.touch)
             click.echo(f"shoal {node_type} running (Ctrl-C to stop)", err=True)
 
         async def stop() -> None:
+            if ready_file is not None:
+                await asyncio.to_thread(ready_file.unlink, missing_ok=True)
             for server, task in servers:
                 server.should_exit = True
                 with contextlib.suppress(Exception):
@@ -128,6 +151,18 @@ def serve(node_type: str, log_json: bool, **options: Any) -> None:
     default=None,
     help="Also write the export lines here.",
 )
+@click.option(
+    "--processes",
+    type=click.Choice(PROCESS_CHOICES),
+    envvar="SHOAL_DEVSTACK_PROCESSES",
+    default="1",
+    show_default=True,
+    help="How the services share OS processes: 1 = all in this process (one event loop, one "
+    "core at most); 2 = the requester in a process of its own, the others here (two cores); "
+    "all = one `shoal serve` process per service, as in production. NATS is always its own "
+    "process; children log to <state-dir>/<name>.log and die with the devstack "
+    "(docs/adr/0012-devstack-processes.md).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def devstack(
     compute_nodes: int,
@@ -142,6 +177,7 @@ def devstack(
     gpus: int,
     allow_local_dir: tuple[str, ...],
     env_file: Path | None,
+    processes: str,
     verbose: bool,
 ) -> None:
     """Start a whole cluster on this machine (NATS, SQLite, N compute nodes) until Ctrl-C."""
@@ -161,6 +197,8 @@ def devstack(
             compute_memory=memory,
             compute_gpus=gpus,
             allow_local_dirs=[str(Path(d).resolve()) for d in allow_local_dir],
+            processes=processes,
+            log_level="DEBUG" if verbose else "WARNING",
         )
     )
 
@@ -173,4 +211,6 @@ def devstack(
         click.echo(exports)
         sys.stdout.flush()
 
-    asyncio.run(_run_until_signalled(start, stack.stop))
+    if asyncio.run(_run_until_signalled(start, stack.stop, stack.failed)):
+        children = ", ".join(str(c.log_file) for c in stack.children.values() if not c.running)
+        raise click.ClickException(f"a devstack service exited; see {children}")

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal_common import childproc
 from shoal_common.errors import Unavailable
 
 
@@ -68,11 +69,14 @@ def start_nats_server(
     port: int | None = None,
     log_file: Path | None = None,
     monitor: bool = False,
+    die_with_parent: bool = False,
 ) -> NatsServer:
     """Start nats-server with JetStream that fsyncs every write (``sync_interval: always``).
 
     The default 2-minute fsync can lose acknowledged messages on a crash; Shoal's durability does
     not depend on NATS alone (outbox + reconciliation), but a devstack should not lose them either.
+    ``die_with_parent``: the server gets SIGTERM when the calling process dies, even if killed
+    (see shoal_common.childproc; call from a thread that lives as long as the process).
     """
     store_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -91,6 +95,7 @@ def start_nats_server(
         stderr=out,
         start_new_session=True,  # not killed by the terminal's Ctrl-C before we stop it cleanly
         env={**os.environ},
+        preexec_fn=childproc.die_with_parent() if die_with_parent else None,
     )
     if not isinstance(out, int):
         out.close()  # the child has its own copy; keeping ours open leaks a file handle
