@@ -28,154 +28,36 @@ import itertools
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     TERMINAL,
+    Cluster,
     HttpPool,
     JobWatcher,
     add_common_args,
     bench_key,
     closed_loop,
     emit,
+    epoch,
+    final_states,
     loadavg,
     percentile,
+    results_count,
     signed_submits,
     summary_ms,
+    wait_nodes,
 )
-from shoal_common.natsserver import NatsServer, free_port, start_nats_server
 
 TARGET = {"success_rate": 0.999, "lost": 0, "p99_ms": 15_000}
-
-
-@dataclass
-class Service:
-    name: str
-    args: list[str]
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.args, stdout=out, stderr=out, start_new_session=True
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-
-    def wait(self) -> None:
-        if self.process is None:
-            return
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-@dataclass
-class Cluster:
-    """NATS, requester, verifier, publisher and ``nodes`` compute nodes as processes."""
-
-    root: Path
-    nodes: int
-    nats: NatsServer | None = None
-    services: dict[str, Service] = field(default_factory=dict)
-    api_port: int = field(default_factory=free_port)
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def _serve(self, node_type: str, name: str, *extra: str) -> Service:
-        assert self.nats is not None
-        args = [sys.executable, "-m", "shoal_cli", "serve", "--node-type", node_type]
-        args += ["--nats-url", self.nats.url, "--state-dir", str(self.root / name), *extra]
-        return Service(name, args, self.root / f"{name}.log")
-
-    def start(self) -> Cluster:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.nats = start_nats_server(self.root / "nats", log_file=self.root / "nats.log")
-        publisher_port = free_port()
-        publisher_url = f"http://127.0.0.1:{publisher_port}"
-        wanted = [
-            self._serve("publisher", "publisher", "--port", str(publisher_port)),
-            self._serve("verifier", "verifier"),
-            self._serve(
-                "requester",
-                "requester",
-                "--port",
-                str(self.api_port),
-                "--publisher-url",
-                publisher_url,
-            ),
-        ]
-        for i in range(self.nodes):
-            name = f"compute-{i}"
-            wanted.append(
-                self._serve(
-                    "compute",
-                    name,
-                    "--node-id",
-                    name,
-                    "--noop",
-                    "--content-store-url",
-                    publisher_url,
-                )
-            )
-        for service in wanted:
-            self.services[service.name] = service
-            service.start()
-        return self
-
-    def compute_names(self) -> list[str]:
-        return [n for n in self.services if n.startswith("compute-")]
-
-    def stop(self) -> None:
-        for service in self.services.values():
-            service.terminate()
-        for service in self.services.values():
-            service.wait()
-        if self.nats is not None:
-            self.nats.stop()
-
-
-async def node_states(pool: HttpPool) -> dict[str, str]:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
-        resp = await pool.request(pool.build("GET", "/api/v1/nodes"))
-        if resp.status == 200:
-            return {str(n.get("id")): str(n.get("state")) for n in orjson.loads(resp.body)}
-    return {}
-
-
-async def wait_nodes(pool: HttpPool, check: Any, timeout: float) -> float:
-    """Poll the node list (every 50 ms) until ``check(states)``; the seconds it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if check(await node_states(pool)):
-            return time.monotonic() - t0
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"node states not as expected within {timeout} s")
 
 
 @dataclass
@@ -234,38 +116,6 @@ async def chaos(
         await asyncio.gather(*cycles, return_exceptions=True)
 
 
-def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-async def final_states(
-    pool: HttpPool, client_id: str, job_ids: list[str], parallel: int = 8
-) -> dict[str, dict[str, Any]]:
-    """Every job's state document (/requester/states), read after the run."""
-    out: dict[str, dict[str, Any]] = {}
-    queue = list(job_ids)
-
-    async def reader() -> None:
-        while queue:
-            job_id = queue.pop()
-            body = orjson.dumps({"client_id": client_id, "job_id": job_id})
-            for _ in range(3):
-                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                    resp = await pool.request(pool.build("POST", "/requester/states", body))
-                    if resp.status == 200:
-                        out[job_id] = orjson.loads(resp.body)["state"]
-                        break
-
-    await asyncio.gather(*(reader() for _ in range(parallel)))
-    return out
-
-
-async def results_count(pool: HttpPool, client_id: str, job_id: str) -> int:
-    body = orjson.dumps({"client_id": client_id, "job_id": job_id})
-    resp = await pool.request(pool.build("POST", "/requester/results", body))
-    return len(orjson.loads(resp.body).get("results") or []) if resp.status == 200 else -1
-
-
 def attribute(kills: list[Kill], states: dict[str, dict[str, Any]], window: float) -> None:
     """Jobs stranded by each kill: an execution on the victim that failed after the kill (and
     before the next one); recover = kill -> the last of those jobs terminal."""
@@ -276,9 +126,9 @@ def attribute(kills: list[Kill], states: dict[str, dict[str, Any]], window: floa
             for ex in state.get("Executions") or []:
                 if ex.get("NodeId") != kill.node or ex.get("State") != "Failed":
                     continue
-                failed_at = _epoch(ex["UpdateTime"])
+                failed_at = epoch(ex["UpdateTime"])
                 if kill.at_wall <= failed_at < end:
-                    finished.append(_epoch(state["UpdateTime"]))
+                    finished.append(epoch(state["UpdateTime"]))
                     break
         kill.stranded_jobs = len(finished)
         if finished:

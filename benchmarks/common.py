@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import struct
 import subprocess
@@ -43,6 +44,8 @@ from urllib.parse import urlsplit
 
 import orjson
 import psutil  # type: ignore[import-untyped]
+
+from shoal_common.natsserver import NatsServer, free_port, start_nats_server
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -442,35 +445,50 @@ def bench_key() -> Any:
     return ClientKey.from_pem(_bench_key_pem())
 
 
-def submit_payload(client_id: str, index: int) -> dict[str, Any]:
-    """Job ``index``: a noop job (unique by its argument, so no two bodies are replays)."""
-    from shoal_common.spec import API_VERSION, Deal, DockerSpec, Engine, PublisherType, Spec
-    from shoal_common.spec import to_wire as wire
+SUBMIT_KINDS = ("noop", "verified")
 
-    spec = Spec(
-        Engine=Engine.NOOP,
-        Publisher=PublisherType.NOOP,
-        Docker=DockerSpec(Image="busybox", Entrypoint=["echo", str(index)]),
-        Deal=Deal(Concurrency=1),
+
+def submit_payload(client_id: str, index: int, kind: str = "noop") -> dict[str, Any]:
+    """Job ``index``: a noop job (unique by its argument, so no two bodies are replays).
+
+    ``verified``: the same job through the whole pipeline: its result sealed to and decided on
+    by the deterministic verifier (Deal concurrency 1: one proposal settles it), then published
+    to the local content store (the publisher fetches it from the node and stores it).
+    """
+    from shoal_common import spec as js
+
+    if kind not in SUBMIT_KINDS:
+        raise ValueError(f"unknown submit kind {kind!r} (one of {SUBMIT_KINDS})")
+    verified = kind == "verified"
+    spec = js.Spec(
+        Engine=js.Engine.NOOP,
+        Verifier=js.VerifierType.DETERMINISTIC if verified else None,
+        Publisher=js.PublisherType.LOCAL if verified else js.PublisherType.NOOP,
+        Docker=js.DockerSpec(Image="busybox", Entrypoint=["echo", str(index)]),
+        Deal=js.Deal(Concurrency=1),
     )
-    return {"APIVersion": API_VERSION, "ClientID": client_id, "Spec": wire(spec)}
+    return {"APIVersion": js.API_VERSION, "ClientID": client_id, "Spec": js.to_wire(spec)}
 
 
-def _sign_range(pem: bytes, start: int, stop: int) -> list[bytes]:
+def _sign_range(pem: bytes, start: int, stop: int, kind: str = "noop") -> list[bytes]:
     from shoal_common.signing import ClientKey, sign_envelope
 
     key = ClientKey.from_pem(pem)
-    return [sign_envelope(key, submit_payload(key.client_id, i)) for i in range(start, stop)]
+    return [sign_envelope(key, submit_payload(key.client_id, i, kind)) for i in range(start, stop)]
 
 
-def signed_submits(start: int, count: int, *, processes: int | None = None) -> list[bytes]:
-    """Signed submit bodies ``start .. start+count-1`` of the benchmark key (cached on disk).
+def signed_submits(
+    start: int, count: int, *, processes: int | None = None, kind: str = "noop"
+) -> list[bytes]:
+    """Signed submit bodies ``start .. start+count-1`` of the benchmark key (cached on disk),
+    of noop jobs or (``kind="verified"``) verified and published ones (:func:`submit_payload`).
 
     Each run starts a fresh devstack, so reusing bodies across runs is not a replay; within a
     run, callers use disjoint index ranges (warm-up vs measured).
     """
     pem = _bench_key_pem()
-    path = CACHE / f"submits-v{_BODIES_VERSION}.bin"
+    prefix = "submits" if kind == "noop" else f"submits-{kind}"
+    path = CACHE / f"{prefix}-v{_BODIES_VERSION}.bin"
     bodies: list[bytes] = []
     with contextlib.suppress(OSError), path.open("rb") as f:
         data = f.read()
@@ -492,9 +510,11 @@ def signed_submits(start: int, count: int, *, processes: int | None = None) -> l
         if workers > 1 and missing > 2000:
             with ProcessPoolExecutor(workers) as pool:
                 starts, stops = zip(*ranges, strict=True)
-                chunks = list(pool.map(_sign_range, [pem] * len(ranges), starts, stops))
+                chunks = list(
+                    pool.map(_sign_range, [pem] * len(ranges), starts, stops, [kind] * len(ranges))
+                )
         else:
-            chunks = [_sign_range(pem, a, b) for a, b in ranges]
+            chunks = [_sign_range(pem, a, b, kind) for a, b in ranges]
         new = [b for chunk in chunks for b in chunk]
         with path.open("ab") as f:
             f.write(b"".join(struct.pack("<I", len(b)) + b for b in new))
@@ -660,6 +680,7 @@ class JobWatcher:
     ended: dict[str, tuple[float, str]] = field(default_factory=dict)
     rows: int = 0
     overflows: int = 0
+    disconnects: int = 0  # the stream broke (the requester died) and was opened again
     _waiters: dict[str, asyncio.Future[tuple[float, str]]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -701,7 +722,12 @@ class JobWatcher:
         pool = HttpPool(self.api_url, limit=1)
         request = pool.build("GET", "/api/v1/events/stream")
         while True:
-            conn = await HttpConnection.open(pool.host, pool.port)
+            try:
+                conn = await HttpConnection.open(pool.host, pool.port)
+            except OSError:
+                # The requester is down (a crash test): try again until it is back.
+                await asyncio.sleep(0.2)
+                continue
             try:
                 conn.writer.write(request)
                 status, _ = await conn.read_head()
@@ -714,6 +740,12 @@ class JobWatcher:
                     *events, buf = buf.split(b"\n\n")
                     for ev in events:
                         self._event(ev, now)
+            except (OSError, asyncio.IncompleteReadError):
+                # The requester died mid-stream: reconnect once it is back; jobs that ended
+                # meanwhile are found by polling (``settle``).
+                self.disconnects += 1
+                await asyncio.sleep(0.2)
+                continue
             finally:
                 conn.close()
             # The requester cut the stream (this reader fell too far behind): reconnect; jobs
@@ -868,6 +900,188 @@ async def closed_loop(
         out.wall = time.monotonic() - t0
         await pool.close()
     return out
+
+
+# --- a cluster of processes (chaos, crash) ---------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One ``shoal serve`` process that can be SIGKILLed and started again on its state."""
+
+    name: str
+    args: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.args,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Cluster:
+    """NATS, requester, verifier, publisher and ``nodes`` compute nodes as processes.
+
+    NATS listens on a port fixed at start (``restart_nats`` brings it back there, on the same
+    JetStream store); the verifier and publisher serve HTTP (health probes) on their own ports.
+    ``compute_env``: extra environment of the compute nodes (e.g. SHOAL_COMPUTE_NOOP_DELAY_S).
+    """
+
+    root: Path
+    nodes: int
+    compute_env: dict[str, str] = field(default_factory=dict)
+    nats: NatsServer | None = None
+    services: dict[str, Service] = field(default_factory=dict)
+    api_port: int = field(default_factory=free_port)
+    nats_port: int = field(default_factory=free_port)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def url_of(self, name: str) -> str:
+        """The HTTP base URL of a service that serves one (requester, verifier, publisher)."""
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def _serve(
+        self, node_type: str, name: str, *extra: str, env: dict[str, str] | None = None
+    ) -> Service:
+        args = [sys.executable, "-m", "shoal_cli", "serve", "--node-type", node_type]
+        args += ["--nats-url", f"nats://127.0.0.1:{self.nats_port}"]
+        args += ["--state-dir", str(self.root / name), *extra]
+        return Service(name, args, self.root / f"{name}.log", env)
+
+    def start_nats(self) -> None:
+        """Start NATS (again, after a kill) on the same port and JetStream store."""
+        self.nats = start_nats_server(
+            self.root / "nats", port=self.nats_port, log_file=self.root / "nats.log"
+        )
+
+    def start(self) -> Cluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.start_nats()
+        self.ports = {"requester": self.api_port, "publisher": free_port(), "verifier": free_port()}
+        publisher_url = self.url_of("publisher")
+        wanted = [
+            self._serve("publisher", "publisher", "--port", str(self.ports["publisher"])),
+            self._serve("verifier", "verifier", "--port", str(self.ports["verifier"])),
+            self._serve(
+                "requester",
+                "requester",
+                "--port",
+                str(self.api_port),
+                "--publisher-url",
+                publisher_url,
+            ),
+        ]
+        for i in range(self.nodes):
+            name = f"compute-{i}"
+            wanted.append(
+                self._serve(
+                    "compute",
+                    name,
+                    "--node-id",
+                    name,
+                    "--noop",
+                    "--content-store-url",
+                    publisher_url,
+                    env=self.compute_env,
+                )
+            )
+        for service in wanted:
+            self.services[service.name] = service
+            service.start()
+        return self
+
+    def compute_names(self) -> list[str]:
+        return [n for n in self.services if n.startswith("compute-")]
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.terminate()
+        for service in self.services.values():
+            service.wait()
+        if self.nats is not None:
+            self.nats.stop()
+
+
+async def node_states(pool: HttpPool) -> dict[str, str]:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+        resp = await pool.request(pool.build("GET", "/api/v1/nodes"))
+        if resp.status == 200:
+            return {str(n.get("id")): str(n.get("state")) for n in orjson.loads(resp.body)}
+    return {}
+
+
+async def wait_nodes(pool: HttpPool, check: Any, timeout: float) -> float:
+    """Poll the node list (every 50 ms) until ``check(states)``; the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if check(await node_states(pool)):
+            return time.monotonic() - t0
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"node states not as expected within {timeout} s")
+
+
+def epoch(stamp: str) -> float:
+    """A wire timestamp (RFC 3339) as a unix time."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def final_states(
+    pool: HttpPool, client_id: str, job_ids: list[str], parallel: int = 8
+) -> dict[str, dict[str, Any]]:
+    """Every job's state document (/requester/states), read after the run."""
+    out: dict[str, dict[str, Any]] = {}
+    queue = list(job_ids)
+
+    async def reader() -> None:
+        while queue:
+            job_id = queue.pop()
+            body = orjson.dumps({"client_id": client_id, "job_id": job_id})
+            for _ in range(3):
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    resp = await pool.request(pool.build("POST", "/requester/states", body))
+                    if resp.status == 200:
+                        out[job_id] = orjson.loads(resp.body)["state"]
+                        break
+
+    await asyncio.gather(*(reader() for _ in range(parallel)))
+    return out
+
+
+async def results_count(pool: HttpPool, client_id: str, job_id: str) -> int:
+    """How many results /requester/results shows for a job (-1: the request failed)."""
+    body = orjson.dumps({"client_id": client_id, "job_id": job_id})
+    resp = await pool.request(pool.build("POST", "/requester/results", body))
+    return len(orjson.loads(resp.body).get("results") or []) if resp.status == 200 else -1
 
 
 # --- where a job's time goes (the requester's own history timestamps) -------------------------

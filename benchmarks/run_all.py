@@ -279,6 +279,43 @@ TARGETS = [
         "F9); detect = kill -> node not live at the requester, recover = kill -> the last job "
         "that had an execution on it terminal",
     ),
+    Target(
+        "12",
+        "Crash: kill -9 of each service with 1,000 jobs in flight (issue 8)",
+        "crash",
+        "crash.py",
+        ["--jobs", "1000"],
+        ["--jobs", "100"],
+        [
+            Row("lost (all victims)", "lost", "", 0),
+            Row("duplicates (all victims)", "duplicates", "", 0),
+            Row("acknowledged (all victims)", "acknowledged", ""),
+            Row("completed (all victims)", "completed", ""),
+            *(
+                row
+                for victim in ("requester", "compute", "verifier", "publisher", "nats")
+                for row in (
+                    Row(f"{victim}: in flight at the kill", f"{victim}_in_flight_at_kill", ""),
+                    Row(f"{victim}: lost", f"{victim}_lost", "", 0),
+                    Row(f"{victim}: time to detect", f"{victim}_detect_s", "s"),
+                    Row(
+                        f"{victim}: restart -> all terminal",
+                        f"{victim}_recover_from_restart_s",
+                        "s",
+                    ),
+                    Row(f"{victim}: p99", f"{victim}_p99_ms", "ms"),
+                )
+            ),
+        ],
+        "lost",
+        repeats=1,
+        note="a fresh cluster of processes (shoal serve) per victim; jobs verified "
+        "(deterministic) and published (local content store); SIGKILL once a seeded random "
+        "number of jobs is acknowledged, restarted 3 s later (NATS on the same port and store); "
+        "detect = kill -> node not live (compute) or first failed probe (requester, NATS); "
+        "submits refused while the requester is down are retried, not counted lost "
+        "(benchmarks/crash.py, docs/reliability.md F3)",
+    ),
 ]
 
 

@@ -9,15 +9,26 @@ from dataclasses import dataclass, field
 import httpx
 
 from shoal_common.natsserver import free_port, start_nats_server
-from shoal_common.spec import Deal, DockerSpec, Engine, JobState, PublisherType, Spec
+from shoal_common.spec import (
+    Deal,
+    DockerSpec,
+    Engine,
+    JobState,
+    PublisherType,
+    Spec,
+    VerifierType,
+)
 from tests.faults.tcpproxy import TcpProxy
 from tests.processes import ProcessCluster, ServiceProcess
 from tests.support import wait_until
 
 
-def noop_spec(publisher: PublisherType = PublisherType.NOOP) -> Spec:
+def noop_spec(
+    publisher: PublisherType = PublisherType.NOOP, verifier: VerifierType | None = None
+) -> Spec:
     return Spec(
         Engine=Engine.NOOP,
+        Verifier=verifier,
         Publisher=publisher,
         Docker=DockerSpec(Image="busybox", Entrypoint=["echo", "fault"]),
         Deal=Deal(Concurrency=1),
