@@ -34,6 +34,7 @@ async def test_ask_accept_and_result_proposed_on_jetstream(
         engines=["Noop"],
         gpus=0,
         heartbeat_interval_s=0.2,
+        live_log_chunks=True,
     )
     requester = await NatsBus.connect(nats_server.url, name="test-requester")
     beats: asyncio.Queue[Heartbeat] = asyncio.Queue()

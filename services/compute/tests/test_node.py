@@ -206,7 +206,7 @@ async def test_logs_and_live_chunks(make_node: MakeNode) -> None:
     async def script(request: ExecutionRequest) -> NoopOutput:
         return NoopOutput(stdout=text, stderr="warn\n")
 
-    node = await make_node(hook=script)
+    node = await make_node(hook=script, live_log_chunks=True)
     eid = new_id()
     chunks: list[LogChunk] = []
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import nats
+import orjson
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -40,7 +42,19 @@ MessageHandler = Callable[[str, bytes], Awaitable[None]]
 
 # How long JetStream remembers message ids for de-duplication.
 DEDUP_WINDOW_S = 120.0
+# First retry of a failed handler, doubling up to MAX_RETRY_DELAY_S.
 REDELIVERY_DELAY_S = 1.0
+MAX_RETRY_DELAY_S = 10.0
+# A message delivered and not acked within this is delivered again (after a consumer's crash).
+ACK_WAIT_S = 30.0
+MAX_ACK_PENDING = 20_000
+# Consumption (ADR 0013): one pull request stays open this long; while it waits idle the server
+# sends a heartbeat this often (3 missed: the request is renewed); acks are cumulative (AckAll)
+# and sent at most this often, or at once when this many handled messages wait for one.
+PULL_EXPIRES_S = 30.0
+PULL_HEARTBEAT_S = 5.0
+ACK_FLUSH_S = 1.0
+ACK_FLUSH_COUNT = 1000
 
 
 class Poison(Exception):
@@ -98,16 +112,23 @@ def _decode(raw: bytes) -> Envelope:
 class NatsBus:
     """:class:`Bus` over a real NATS server with JetStream."""
 
-    def __init__(self, nc: NatsClient, *, fetch_batch: int = 256, stream_replicas: int = 1) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        fetch_batch: int = 256,
+        stream_replicas: int = 1,
+        ack_wait: float = ACK_WAIT_S,
+    ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._fetch_batch = fetch_batch
+        self._ack_wait = ack_wait
         # Copies of each stream on a clustered JetStream (3 on the compose `cluster` profile): a
         # server lost then loses no acknowledged event. Must not exceed the cluster's size.
         self._stream_replicas = stream_replicas
-        self._tasks: set[asyncio.Task[None]] = set()
         self._streams_ready: set[str] = set()
-        self._pull_subs: list[Any] = []
+        self._consumers: dict[tuple[str, str], EventConsumer] = {}
         self._closing = False
 
     @classmethod
@@ -117,6 +138,12 @@ class NatsBus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats_error", error=str(exc))
 
+        buses: list[NatsBus] = []
+
+        async def on_reconnected() -> None:
+            for bus in buses:
+                await bus._on_reconnected()
+
         try:
             nc = await nats.connect(
                 [u.strip() for u in url.split(",") if u.strip()],
@@ -124,11 +151,14 @@ class NatsBus:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 error_cb=on_error,
+                reconnected_cb=on_reconnected,
                 connect_timeout=5,
             )
         except Exception as exc:  # nats-py raises several unrelated types here
             raise Unavailable(f"cannot connect to NATS at {url}: {exc}") from exc
-        return cls(nc, stream_replicas=stream_replicas)
+        bus = cls(nc, stream_replicas=stream_replicas)
+        buses.append(bus)
+        return bus
 
     @property
     def client(self) -> NatsClient:
@@ -172,67 +202,38 @@ class NatsBus:
         event_types: Sequence[str] | None = None,
     ) -> None:
         await self.ensure_stream(producer)
+        stream = stream_name(producer)
+        existing = self._consumers.get((stream, durable))
+        if existing is not None:
+            # The same service started again on this bus (stop/start): the new handler takes
+            # over, including what the old one was still retrying (ADR 0013).
+            existing.handler = handler
+            return
         subjects = [f"shoal.evt.{producer.value}.{t}" for t in event_types] if event_types else None
         config = ConsumerConfig(
             durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_ack_pending=20_000,
+            ack_wait=self._ack_wait,
+            max_ack_pending=MAX_ACK_PENDING,
             filter_subjects=subjects,
         )
-        sub = await self._pull_subscribe(producer, durable, config)
-        self._pull_subs.append(sub)
-        task = asyncio.create_task(self._pump(sub, handler, durable))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        consumer = EventConsumer(
+            self._nc,
+            self._js,
+            stream=stream,
+            durable=durable,
+            config=config,
+            handler=handler,
+            batch=self._fetch_batch,
+        )
+        await consumer.start()
+        self._consumers[(stream, durable)] = consumer
 
-    async def _pull_subscribe(
-        self, producer: Producer, durable: str, config: ConsumerConfig
-    ) -> Any:
-        stream = stream_name(producer)
-        try:
-            await self._js.consumer_info(stream, durable)
-        except NotFoundError:
-            await self._js.add_consumer(stream, config)
-        return await self._js.pull_subscribe_bind(durable=durable, stream=stream)
-
-    async def _pump(self, sub: Any, handler: EventHandler, durable: str) -> None:
-        while not self._closing:
-            try:
-                msgs: list[Msg] = await sub.fetch(self._fetch_batch, timeout=1.0)
-            except (NatsTimeoutError, TimeoutError):
-                # An empty long-poll: nothing arrived within the fetch window.
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._closing:
-                    return
-                telemetry.NATS_ERRORS.labels(operation="fetch").inc()
-                log.warning("nats_fetch_failed", consumer=durable, error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            # Handle a batch concurrently; each handler is idempotent and does its own CAS.
-            await asyncio.gather(*(self._handle(m, handler, durable) for m in msgs))
-
-    async def _handle(self, msg: Msg, handler: EventHandler, durable: str) -> None:
-        try:
-            if msg.metadata.num_delivered > 1:
-                telemetry.NATS_REDELIVERIES.labels(consumer=durable).inc()
-            await handler(_decode(msg.data))
-        except Poison as exc:
-            telemetry.NATS_ERRORS.labels(operation="drop").inc()
-            log.error("event_dropped", consumer=durable, error=str(exc))
-            await msg.term()
-        except Exception as exc:
-            telemetry.NATS_ERRORS.labels(operation="handle").inc()
-            log.warning("event_handler_failed", consumer=durable, error=repr(exc))
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=REDELIVERY_DELAY_S)
-        else:
-            with contextlib.suppress(Exception):
-                await msg.ack()
+    async def _on_reconnected(self) -> None:
+        """Pull requests do not survive a lost connection: ask again at once."""
+        for consumer in list(self._consumers.values()):
+            consumer.reconnected()
 
     async def request(self, subject: str, data: bytes, *, timeout: float) -> bytes:
         try:
@@ -282,16 +283,285 @@ class NatsBus:
 
     async def close(self) -> None:
         self._closing = True
+        # Acks of what was handled go out first; what was not is redelivered to the next run.
+        await asyncio.gather(*(c.stop() for c in self._consumers.values()), return_exceptions=True)
+        self._consumers.clear()
+        with contextlib.suppress(Exception):
+            await self._nc.drain()
+
+
+class EventConsumer:
+    """One durable JetStream consumer: long-lived pull requests in, batched cumulative acks out.
+
+    Instead of a fetch request per batch and an ack per message (about 11 NATS messages per
+    noop job over five deliveries), it keeps one pull request for up to ``batch`` messages open
+    for ``PULL_EXPIRES_S`` (renewed when used up, expired or after a reconnect) and acknowledges
+    with ``AckAll`` at most every ``ACK_FLUSH_S``: one ack covers every message up to it. An ack
+    is only sent for a stream sequence below every message still being handled (or retried), and
+    only while every message the server counts as pending is one this consumer holds; after a
+    gap in the delivery sequence (deliveries lost with a connection) or when binding to a
+    consumer with pending messages (a previous process died holding them), acks wait until the
+    server's pending count matches again (the lost ones come back after ``ack_wait``). A handler
+    that raises is retried here (backoff up to ``MAX_RETRY_DELAY_S``) rather than nak'ed: the
+    ack floor cannot pass it, so a crash meanwhile means redelivery. See ADR 0013.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        js: Any,
+        *,
+        stream: str,
+        durable: str,
+        config: ConsumerConfig,
+        handler: EventHandler,
+        batch: int,
+    ) -> None:
+        self.handler = handler
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._durable = durable
+        self._config = config
+        self._batch = batch
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = ""
+        self._sub: Any = None
+        self._request_id = 0
+        self._waiting = 0  # messages the current pull request may still deliver
+        self._last_activity = 0.0
+        self._active: dict[int, Msg] = {}  # stream seq -> being handled (or retried)
+        self._done: dict[int, Msg] = {}  # stream seq -> handled, not acked yet
+        self._acked_seq = 0  # stream seq of the last ack sent
+        self._last_dseq = 0  # consumer (delivery) sequence of the last delivery seen
+        self._verified = True  # every message pending at the server is in _active/_done
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._stopping = False
+
+    # --- life cycle ---
+
+    async def start(self) -> None:
+        info = await self._bind()
+        self._last_dseq = info.delivered.consumer_seq if info.delivered else 0
+        self._acked_seq = info.ack_floor.stream_seq if info.ack_floor else 0
+        # Messages delivered to a previous run and never acked: they come back after ack_wait;
+        # no ack may pass them before they are handled.
+        self._verified = not info.num_ack_pending
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._last_activity = asyncio.get_running_loop().time()
+        self._maybe_pull()
+        self._arm_watchdog()
+
+    async def _bind(self) -> Any:
+        """The durable consumer, created (or converted from an explicit-ack one) if need be."""
+        try:
+            info = await self._js.consumer_info(self._stream, self._durable)
+        except NotFoundError:
+            return await self._js.add_consumer(self._stream, self._config)
+        if info.config.ack_policy == AckPolicy.ALL and not info.config.deliver_subject:
+            return info
+        # An older explicit-ack consumer: an ack policy cannot be updated, so it is replaced by
+        # one starting right after its ack floor (anything above it is delivered again; the
+        # handlers are idempotent on the envelope id).
+        start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+        log.info("consumer_converted", consumer=self._durable, stream=self._stream, start=start)
+        await self._js.delete_consumer(self._stream, self._durable)
+        config = self._config
+        if start > 1:
+            config = dataclasses.replace(
+                config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            )
+        return await self._js.add_consumer(self._stream, config)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for handle in (self._flush_handle, self._watchdog):
+            if handle is not None:
+                handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # A pull subscription whose fetch was cancelled never drains: nc.drain() would wait
-        # out its 30 s timeout. Nothing more will be fetched, so drop them first.
-        for sub in self._pull_subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self._nc.drain()
+            await self._flush_acks()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def reconnected(self) -> None:
+        self._maybe_pull(force=True)
+
+    # --- pull requests ---
+
+    def _maybe_pull(self, *, force: bool = False) -> None:
+        """One pull request at a time, for as many messages as fit beside those in hand."""
+        if self._stopping or (self._waiting > 0 and not force):
+            return
+        want = self._batch - len(self._active)
+        if want < max(1, self._batch // 2):
+            return  # asked again as handlers finish
+        self._request_id += 1
+        self._waiting = want
+        self._spawn(self._send_pull(self._request_id, want))
+
+    async def _send_pull(self, request_id: int, want: int) -> None:
+        request = orjson.dumps(
+            {
+                "batch": want,
+                "expires": int(PULL_EXPIRES_S * 1e9),
+                "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
+            }
+        )
+        try:
+            await self._nc.publish(self._next_subject, request, reply=f"{self._inbox}.{request_id}")
+        except Exception as exc:
+            telemetry.NATS_ERRORS.labels(operation="fetch").inc()
+            log.warning("nats_pull_failed", consumer=self._durable, error=repr(exc))
+            if request_id == self._request_id:
+                self._waiting = 0  # the watchdog asks again
+
+    def _arm_watchdog(self) -> None:
+        """A pull request lost with its connection or server ends in silence: ask again."""
+        loop = asyncio.get_running_loop()
+        silent = loop.time() - self._last_activity
+        limit = PULL_HEARTBEAT_S * 3
+        if silent >= limit and not self._stopping:
+            log.info("nats_pull_renewed", consumer=self._durable, silent_s=round(silent, 1))
+            self._last_activity = loop.time()
+            self._maybe_pull(force=True)
+            silent = 0.0
+        self._watchdog = loop.call_later(limit - silent, self._arm_watchdog)
+
+    # --- deliveries ---
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and not msg.data:
+            # Status messages come on the request's own reply subject (messages keep theirs).
+            current = msg.subject.rsplit(".", 1)[-1] == str(self._request_id)
+            if current:
+                self._last_activity = asyncio.get_running_loop().time()
+            if status == "100":  # idle heartbeat
+                return
+            if current:
+                self._waiting = 0
+                if status in ("404", "408"):  # the request expired
+                    self._maybe_pull()
+                else:  # e.g. 409 leadership change, consumer deleted: ask again shortly
+                    log.info(
+                        "nats_pull_ended",
+                        consumer=self._durable,
+                        status=status,
+                        description=msg.headers.get("Description") if msg.headers else None,
+                    )
+                    asyncio.get_running_loop().call_later(0.5, self._maybe_pull)
+            return
+        self._last_activity = asyncio.get_running_loop().time()
+        self._waiting -= 1  # (a late one of an older request makes the next request early)
+        try:
+            meta = msg.metadata
+        except Exception:
+            log.warning("nats_unexpected_message", consumer=self._durable, subject=msg.subject)
+            return
+        dseq, sseq = meta.sequence.consumer, meta.sequence.stream
+        if dseq != self._last_dseq + 1:
+            # Deliveries went missing (a connection lost with them in flight): the server holds
+            # them as pending until ack_wait, so no ack may pass them until they are back.
+            self._verified = False
+        self._last_dseq = max(self._last_dseq, dseq)
+        if meta.num_delivered > 1:
+            telemetry.NATS_REDELIVERIES.labels(consumer=self._durable).inc()
+        if sseq in self._active:
+            self._active[sseq] = msg  # redelivered while still handled here: ack the latest
+        elif sseq in self._done or sseq <= self._acked_seq:
+            self._done[sseq] = msg  # handled already: its ack was late or lost
+            self._schedule_flush()
+        else:
+            self._active[sseq] = msg
+            self._spawn(self._handle(sseq, msg))
+        self._maybe_pull()
+
+    async def _handle(self, sseq: int, msg: Msg) -> None:
+        delay = REDELIVERY_DELAY_S
+        while True:
+            try:
+                await self.handler(_decode(msg.data))
+            except Poison as exc:
+                telemetry.NATS_ERRORS.labels(operation="drop").inc()
+                log.error("event_dropped", consumer=self._durable, error=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                telemetry.NATS_ERRORS.labels(operation="handle").inc()
+                log.warning("event_handler_failed", consumer=self._durable, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                continue
+            break
+        latest = self._active.pop(sseq, msg)
+        self._done[sseq] = latest
+        self._schedule_flush()
+        self._maybe_pull()
+
+    # --- acks ---
+
+    def _schedule_flush(self) -> None:
+        if self._stopping:
+            return
+        if len(self._done) >= ACK_FLUSH_COUNT:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            self._spawn(self._flush_acks())
+        elif self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(
+                ACK_FLUSH_S, lambda: self._spawn(self._flush_acks())
+            )
+
+    async def _flush_acks(self) -> None:
+        self._flush_handle = None
+        if not self._done:
+            return
+        if not self._verified and not await self._reverify():
+            self._schedule_flush()
+            return
+        below = min(self._active) if self._active else None
+        ackable = [s for s in self._done if below is None or s < below]
+        if not ackable:
+            return
+        top = max(ackable)
+        msg = self._done[top]
+        for s in ackable:
+            del self._done[s]
+        self._acked_seq = max(self._acked_seq, top)
+        try:
+            await self._nc.publish(msg.reply, b"+ACK")
+        except Exception as exc:  # not acked: delivered again after ack_wait, recognised here
+            telemetry.NATS_ERRORS.labels(operation="ack").inc()
+            log.warning("nats_ack_failed", consumer=self._durable, error=repr(exc))
+        if self._done:
+            self._schedule_flush()
+
+    async def _reverify(self) -> bool:
+        """True once every message the server counts as pending is one held here."""
+        try:
+            info = await self._js.consumer_info(self._stream, self._durable)
+        except Exception as exc:
+            log.warning("nats_consumer_info_failed", consumer=self._durable, error=repr(exc))
+            return False
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        pending = info.num_ack_pending or 0
+        if delivered == self._last_dseq and pending == len(self._active) + len(self._done):
+            self._verified = True
+        return self._verified
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def _spawning(cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
@@ -307,8 +577,6 @@ def _spawning(cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable
 
 
 def _json_str(text: str) -> bytes:
-    import orjson
-
     return orjson.dumps(text)
 
 

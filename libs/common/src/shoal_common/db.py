@@ -211,6 +211,11 @@ async def add_to_outbox(conn: StoreConnection, outbox: Table, *events: Event) ->
     return envelopes
 
 
+# An outbox relay with nothing to do waits for a commit's notify(); it still looks at the table
+# this often in case a notify was missed (ADR 0013).
+IDLE_POLL_INTERVAL_S = 30.0
+
+
 class OutboxRelay:
     """Publishes committed outbox rows to the bus, then deletes them.
 
@@ -227,6 +232,7 @@ class OutboxRelay:
         *,
         service: str,
         poll_interval: float = 1.0,
+        idle_poll_interval: float = IDLE_POLL_INTERVAL_S,
         batch: int = 500,
     ) -> None:
         self._engine = engine
@@ -234,6 +240,7 @@ class OutboxRelay:
         self._publish = publish
         self._service = service
         self._poll_interval = poll_interval
+        self._idle_poll_interval = max(idle_poll_interval, poll_interval)
         self._batch = batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -251,9 +258,14 @@ class OutboxRelay:
                 await self._task
 
     async def _run(self) -> None:
+        # The first pass at once (what a previous run left); then woken by notify() after each
+        # commit, polling every poll_interval while rows were found or relaying failed, and
+        # only every idle_poll_interval once the outbox is empty (ADR 0013).
+        interval = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            if interval:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 # Python 3.11's wait_for drops a cancel that races the wake-up (a notify()
@@ -261,13 +273,16 @@ class OutboxRelay:
                 raise asyncio.CancelledError
             self._wake.clear()
             try:
-                while await self.relay_once() >= self._batch:
-                    pass
+                relayed = await self.relay_once()
+                while relayed >= self._batch:
+                    relayed = await self.relay_once()
+                interval = self._poll_interval if relayed else self._idle_poll_interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("outbox_relay_failed", service=self._service, error=repr(exc))
                 await asyncio.sleep(0.5)
+                interval = self._poll_interval
 
     async def relay_once(self) -> int:
         """Publish up to one batch; returns how many rows were relayed."""

@@ -5,7 +5,10 @@ publishing them: a database round trip on every event's critical path. Here the 
 the envelopes it has just committed to the relay, which publishes them from memory at once and
 then deletes their rows in one statement. The rows stay the source of truth: anything not
 published (NATS down, a crash between commit and publish) is found by the poll loop, which
-relays rows older than a short grace period exactly as OutboxRelay does.
+relays rows older than a short grace period exactly as OutboxRelay does. The poll loop runs at
+once on start, every ``poll_interval`` while it finds rows or the fast path has failed, and only
+every ``idle_poll_interval`` once the table is empty (ADR 0013: an idle service does not query
+its database every second).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import structlog
 from sqlalchemy import Table, bindparam, delete, select
 
 from shoal_common import telemetry
+from shoal_common.db import IDLE_POLL_INTERVAL_S
 from shoal_common.events import Envelope
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ class DirectOutboxRelay:
         *,
         service: str,
         poll_interval: float = 1.0,
+        idle_poll_interval: float = IDLE_POLL_INTERVAL_S,
         grace: float = 2.0,
         batch: int = 500,
     ) -> None:
@@ -49,10 +54,12 @@ class DirectOutboxRelay:
         self._publish = publish
         self._service = service
         self._poll_interval = poll_interval
+        self._idle_poll_interval = max(idle_poll_interval, poll_interval)
         self._grace = grace  # rows younger than this belong to the fast path
         self._batch = batch
         self._pending: list[tuple[Envelope, float]] = []
         self._wake = asyncio.Event()
+        self._leftovers = asyncio.Event()  # the fast path left rows behind: poll soon
         self._inflight: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -97,7 +104,8 @@ class DirectOutboxRelay:
     async def relay_once(self) -> int:
         """Publish up to one batch of committed rows (fast path first, then leftovers)."""
         done = await self._publish_pending()
-        return done + await self._relay_leftovers(max_age=0.0)
+        relayed, _ = await self._relay_leftovers(max_age=0.0)
+        return done + relayed
 
     # --- loops ---
 
@@ -113,15 +121,30 @@ class DirectOutboxRelay:
                 log.warning("outbox_fast_path_failed", service=self._service, error=repr(exc))
 
     async def _poll(self) -> None:
+        interval = 0.0  # the first pass at once: rows a previous run left
         while True:
-            await asyncio.sleep(self._poll_interval)
+            if interval:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._leftovers.wait(), interval)
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise asyncio.CancelledError  # (3.11's wait_for can drop a racing cancel)
+            if self._leftovers.is_set():
+                # Rows the fast path could not publish: they are relayed once past the grace.
+                self._leftovers.clear()
+                interval = self._poll_interval
+                continue
             try:
-                while await self._relay_leftovers(max_age=self._grace) >= self._batch:
-                    pass
+                relayed, waiting = await self._relay_leftovers(max_age=self._grace)
+                while relayed >= self._batch:
+                    relayed, waiting = await self._relay_leftovers(max_age=self._grace)
+                busy = relayed or waiting
+                interval = self._poll_interval if busy else self._idle_poll_interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("outbox_relay_failed", service=self._service, error=repr(exc))
+                interval = self._poll_interval
 
     # --- work ---
 
@@ -139,6 +162,7 @@ class DirectOutboxRelay:
                 if not isinstance(result, BaseException)
             ]
             if len(published) < len(batch):
+                self._leftovers.set()
                 log.warning(
                     "outbox_publish_failed",
                     service=self._service,
@@ -150,32 +174,45 @@ class DirectOutboxRelay:
                     max(0.0, now - committed)
                 )
             if published:
-                async with self._engine.begin() as conn:
-                    await conn.execute(self._delete_published, {"b_ids": published})
+                try:
+                    async with self._engine.begin() as conn:
+                        await conn.execute(self._delete_published, {"b_ids": published})
+                except Exception:
+                    self._leftovers.set()  # published, rows kept: relayed again (same ids)
+                    raise
             return len(published)
         finally:
             for envelope, _ in batch:
                 self._inflight.discard(envelope.id)
 
-    async def _relay_leftovers(self, *, max_age: float) -> int:
-        """Rows older than ``max_age`` seconds the fast path does not hold: publish, delete."""
+    async def _relay_leftovers(self, *, max_age: float) -> tuple[int, int]:
+        """Rows older than ``max_age`` seconds the fast path does not hold: publish, delete.
+
+        Returns how many were relayed and how many younger ones (not held by the fast path
+        either) wait for a later pass.
+        """
         cutoff = time.time() - max_age
         async with self._engine.connect() as conn:
             found = (
                 await conn.execute(
-                    select(self._outbox.c.seq, self._outbox.c.event_id, self._outbox.c.envelope)
-                    .where(self._outbox.c.created <= cutoff)
+                    select(
+                        self._outbox.c.seq,
+                        self._outbox.c.event_id,
+                        self._outbox.c.envelope,
+                        self._outbox.c.created,
+                    )
                     .order_by(self._outbox.c.seq)
                     .limit(self._batch)
                 )
             ).all()
-        rows = [r for r in found if r.event_id not in self._inflight]
+        loose = [r for r in found if r.event_id not in self._inflight]
+        rows = [r for r in loose if r.created <= cutoff]
         if not rows:
-            return 0
+            return 0, len(loose)
         envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
         await asyncio.gather(*(self._publish(e) for e in envelopes))
         async with self._engine.begin() as conn:
             await conn.execute(
                 delete(self._outbox).where(self._outbox.c.seq.in_([r.seq for r in rows]))
             )
-        return len(rows)
+        return len(rows), len(loose) - len(rows)

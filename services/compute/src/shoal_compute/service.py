@@ -199,7 +199,7 @@ class ComputeService:
             fetcher=self.fetcher,
             cache=self.cache,
             committed=relay.notify,
-            publish_log=self._publish_log,
+            publish_log=self._publish_log if s.live_log_chunks else _no_live_log,
             seal=ProposalSealer(self.bus, wait_s=s.verifier_key_wait_s),
             content_url=lambda: self._content_url,
             finished=lambda eid: self.node.finished(eid),
@@ -543,3 +543,7 @@ def _base_url(host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
+
+
+async def _no_live_log(chunk: LogChunk) -> None:
+    """Live log chunks not published (ComputeSettings.live_log_chunks is off)."""

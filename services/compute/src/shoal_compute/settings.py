@@ -187,6 +187,10 @@ class ComputeSettings(ServiceSettings):
     bad_results: bool = False  # runs return different output (for the verifier)
 
     heartbeat_interval_s: float | None = None  # None = protocol.HEARTBEAT_INTERVAL_S
+    # Also publish each run's output as it comes, on core NATS (shoal.logs.<execution>), for
+    # outside subscribers. Off by default: `shoal logs -f` reads through the node's LOGS call,
+    # and an unheard chunk is still a NATS message per job (ADR 0013).
+    live_log_chunks: bool = False
 
     @field_validator("labels", mode="before")
     @classmethod
