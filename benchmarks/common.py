@@ -948,8 +948,8 @@ class Service:
 class Cluster:
     """NATS, requester, verifier, publisher and ``nodes`` compute nodes as processes.
 
-    NATS listens on a port fixed at start (``restart_nats`` brings it back there, on the same
-    JetStream store); the verifier and publisher serve HTTP (health probes) on their own ports.
+    NATS listens on a port fixed at start (``start_nats`` brings it back there, on the same
+    JetStream store); every service serves HTTP on a port of its own, kept across restarts.
     ``compute_env``: extra environment of the compute nodes (e.g. SHOAL_COMPUTE_NOOP_DELAY_S).
     """
 
@@ -1003,12 +1003,17 @@ class Cluster:
         ]
         for i in range(self.nodes):
             name = f"compute-{i}"
+            # A fixed port, as in production: results it proposed before a crash stay
+            # reachable at the same URL after its restart (with port 0 it would get a new one).
+            self.ports[name] = free_port()
             wanted.append(
                 self._serve(
                     "compute",
                     name,
                     "--node-id",
                     name,
+                    "--port",
+                    str(self.ports[name]),
                     "--noop",
                     "--content-store-url",
                     publisher_url,

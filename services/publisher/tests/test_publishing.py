@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -23,7 +24,7 @@ from shoal_common.events import (
 )
 from shoal_common.spec import PublisherSpec, PublisherType, StorageSourceType
 from shoal_common.testing import wait_for
-from shoal_publisher.adapters.fetch import StaticResultFetcher
+from shoal_publisher.adapters.fetch import HttpResultFetcher, StaticResultFetcher
 from shoal_publisher.adapters.kubo import AioipfsKubo, FakeKubo
 from shoal_publisher.domain.models import PublishRequest, TransientPublishError
 from shoal_publisher.domain.ports import KuboClient, ResultFetcher
@@ -264,6 +265,53 @@ async def test_transient_failure_then_success(tmp_path: Path, results: Path) -> 
         record = await rig.store.find_publication("e1")
         assert record is not None
         assert record.attempts == 3
+
+
+def _down_then_up(content: bytes, down_for: int) -> tuple[HttpResultFetcher, list[str]]:
+    """A fetcher whose node refuses connections ``down_for`` times (killed, restarting),
+    then serves ``content``: httpx raises ConnectError as it would for a closed port."""
+    calls: list[str] = []
+
+    def node(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        if len(calls) <= down_for:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        return httpx.Response(
+            200, stream=httpx.ByteStream(content), headers={"X-Shoal-Kind": "file"}
+        )
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(node))
+    return HttpResultFetcher(max_bytes=1 << 20, client=client), calls
+
+
+async def test_a_node_down_for_longer_than_the_attempts_is_waited_for(
+    tmp_path: Path, kit: Any
+) -> None:
+    """B17: a node killed after its result was accepted, restarted a few seconds later: its
+    result was published nowhere and the job ended in Error 1.5 s after the kill (3 attempts).
+    Connection refused is now waited for (``unreachable_wait``), not counted as attempts."""
+    result = kit.tree(tmp_path / "r", {"out": b"42\n"}) / "out"
+    fetcher, calls = _down_then_up(result.read_bytes(), down_for=6)
+    async for rig in _rig(tmp_path, fetcher=fetcher, publish_attempts=3):
+        await rig.emit(rig.accepted("e1", cid_of_path(result), url="http://node/r"))
+        published = (await rig.wait(1))["e1"]
+        assert isinstance(published, ResultPublished), published
+        record = await rig.store.find_publication("e1")
+        assert record is not None
+        assert record.attempts == 7
+        assert len(calls) == 7
+
+
+async def test_a_node_that_stays_down_fails_the_result_saying_so(tmp_path: Path, kit: Any) -> None:
+    result = kit.tree(tmp_path / "r", {"out": b"42\n"}) / "out"
+    fetcher, calls = _down_then_up(result.read_bytes(), down_for=10**6)
+    async for rig in _rig(tmp_path, fetcher=fetcher, unreachable_wait=0.3):
+        await rig.emit(rig.accepted("e1", cid_of_path(result), url="http://node/r"))
+        failed = (await rig.wait(1))["e1"]
+        assert isinstance(failed, PublishFailed)
+        assert "Connection refused" in failed.error
+        assert "node node-e1 unreachable for" in failed.error, failed.error
+        assert len(calls) > 3  # waited past the attempt count, then gave up
 
 
 async def test_no_result_url_fails_clearly(tmp_path: Path) -> None:

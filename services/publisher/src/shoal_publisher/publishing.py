@@ -23,6 +23,7 @@ from shoal_common.events import ExecutionFailed, PublishFailed, ResultAccepted, 
 from shoal_common.spec import PublisherSpec, PublisherType, StorageSpec
 from shoal_publisher import metrics
 from shoal_publisher.domain.models import (
+    NodeUnreachableError,
     Publication,
     PublicationStatus,
     PublishError,
@@ -70,6 +71,8 @@ class Publishing:
         *,
         attempts: int = 3,
         retry_delay: float = 0.5,
+        max_retry_delay: float = 5.0,
+        unreachable_wait: float = 60.0,
         concurrency: int = 8,
         on_commit: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
@@ -78,6 +81,8 @@ class Publishing:
         self._publishers = publishers
         self._attempts = attempts
         self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._unreachable_wait = unreachable_wait
         self._slots = asyncio.Semaphore(concurrency)
         self._on_commit = on_commit
         self._clock = clock
@@ -102,7 +107,7 @@ class Publishing:
         lock, users = self._busy.get(key, (asyncio.Lock(), 0))
         self._busy[key] = (lock, users + 1)
         try:
-            async with lock, self._slots:
+            async with lock:
                 await self._publish(event_id, evt)
         finally:
             lock, users = self._busy[key]
@@ -186,19 +191,37 @@ class Publishing:
         if publisher is None:
             available = ", ".join(sorted(p.value for p in self._publishers))
             return 0, None, f"the {kind.value} publisher is not available here ({available} are)"
-        attempt = 0
+        attempt = failed = 0
+        unreachable_since: float | None = None
         while True:
             attempt += 1
             try:
-                return attempt, await publisher.publish(request), ""
+                # A slot per attempt, not per result: waiting for a node that is down must not
+                # hold up results of the nodes that are up.
+                async with self._slots:
+                    return attempt, await publisher.publish(request), ""
+            except NodeUnreachableError as exc:
+                # The node is down, perhaps restarting (its results survive that): wait for it
+                # a while, however many attempts that takes, before failing the result (B17).
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since >= self._unreachable_wait:
+                    return (
+                        attempt,
+                        None,
+                        f"{exc.detail} (node {request.node_id} unreachable for "
+                        f"{now - unreachable_since:.0f} s, gave up after {attempt} attempts)",
+                    )
+                log.info("publish_waits_for_node", node=request.node_id, attempt=attempt)
             except TransientPublishError as exc:
-                if attempt >= self._attempts:
+                failed += 1
+                if failed >= self._attempts:
                     return attempt, None, f"{exc.detail} (gave up after {attempt} attempts)"
                 log.info("publish_retry", publisher=kind.value, error=exc.detail, attempt=attempt)
-                await asyncio.sleep(self._retry_delay * 2 ** (attempt - 1))
             except PublishError as exc:
                 return attempt, None, exc.detail
             except Exception as exc:
                 # A bug, not a verdict on the result: say so, and don't redeliver forever.
                 log.exception("publisher_crashed", publisher=kind.value)
                 return attempt, None, f"the {kind.value} publisher crashed: {exc!r}"
+            await asyncio.sleep(min(self._max_retry_delay, self._retry_delay * 2 ** (attempt - 1)))

@@ -132,6 +132,7 @@ class PublisherService:
             self.publishers(fetcher),
             attempts=s.publish_attempts,
             retry_delay=s.retry_delay,
+            unreachable_wait=s.unreachable_wait,
             concurrency=s.max_concurrent_publishes,
             on_commit=self._relay.notify,
         )

@@ -32,6 +32,10 @@ class PublisherSettings(ServiceSettings):
     fetch_timeout: float = Field(60.0, gt=0)
     publish_attempts: int = Field(3, ge=1)
     retry_delay: float = Field(0.5, ge=0)
+    # How long a result's node may stay unreachable (down, restarting) before its result fails
+    # to publish; such waits do not count as attempts. Keep it near the bus's ack wait (30 s):
+    # a longer wait holds the ack floor and its events come again (harmless, idempotent).
+    unreachable_wait: float = Field(60.0, ge=0)
     max_concurrent_publishes: int = Field(8, ge=1)
     fail_publishers: list[str] = Field(default_factory=list)
     fail_nodes: list[str] = Field(default_factory=list)

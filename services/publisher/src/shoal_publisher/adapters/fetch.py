@@ -18,7 +18,11 @@ import httpx
 
 from shoal_common.content_store import UnsafeArchiveError, safe_extract_tar
 from shoal_publisher import metrics
-from shoal_publisher.domain.models import PublishError, TransientPublishError
+from shoal_publisher.domain.models import (
+    NodeUnreachableError,
+    PublishError,
+    TransientPublishError,
+)
 from shoal_publisher.streams import consume_in_thread
 
 _CHUNK = 1 << 20
@@ -91,6 +95,9 @@ class HttpResultFetcher:
         except (UnsafeArchiveError, tarfile.TarError) as exc:
             shutil.rmtree(target, ignore_errors=True)
             raise PublishError(f"refused the result from {url}: {exc}") from exc
+        except (httpx.ConnectError, ConnectionRefusedError) as exc:
+            # Nothing listens there (yet): the node is down or restarting.
+            raise NodeUnreachableError(f"fetching {url} failed: {exc!r}") from exc
         except httpx.HTTPError as exc:
             raise TransientPublishError(f"fetching {url} failed: {exc!r}") from exc
         except (ConnectionError, OSError) as exc:

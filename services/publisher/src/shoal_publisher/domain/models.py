@@ -61,3 +61,11 @@ class TransientPublishError(PublishError):
     code = "publish_unavailable"
     http_status = 503
     retryable = True
+
+
+class NodeUnreachableError(TransientPublishError):
+    """The node holding the result does not answer at all (connection refused, no route):
+    it may be restarting, and its results survive a restart, so it is waited for a while
+    (``Publishing``'s ``unreachable_wait``) instead of counting attempts."""
+
+    code = "node_unreachable"
