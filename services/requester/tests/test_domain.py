@@ -420,16 +420,25 @@ def _cluster_orchestrator(nodes: int, tmp_path: Path, **settings: Any) -> Orches
 def test_large_clusters_rank_a_window_of_nodes_yet_spread_jobs_evenly(tmp_path: Path) -> None:
     """Placement in a big cluster looks at ``candidate_sample`` free nodes, not all of them,
     and over many jobs still uses every node about equally."""
-    orchestrator = _cluster_orchestrator(200, tmp_path, candidate_sample=16)
+    orchestrator = _cluster_orchestrator(200, tmp_path)  # the default window: 8 free nodes
     first: Counter[str] = Counter()
     for j in range(2000):
         job = make_job(job_id=f"job-{j}")
         free, busy, _ = orchestrator._candidates(job, orchestrator._requirements(job), [])
-        assert len(free) == 16
+        assert len(free) == 8
         assert busy == []
         first[free[0].id] += 1
     assert len(first) == 200  # every node gets work
     assert max(first.values()) < 4 * 2000 / 200
+
+
+def test_the_window_holds_enough_nodes_for_every_ask_round_of_a_job(tmp_path: Path) -> None:
+    """A job that wants more executions than the window holds still gets enough candidates
+    for all its ask rounds (want x (max_retries + 1))."""
+    orchestrator = _cluster_orchestrator(200, tmp_path, candidate_sample=8, max_retries=3)
+    job = make_job(job_id="wide-job")
+    free, _, _ = orchestrator._candidates(job, orchestrator._requirements(job), [], want=5)
+    assert len(free) == 20
 
 
 def test_jobs_with_preferences_still_rank_every_node(tmp_path: Path) -> None:
@@ -563,3 +572,13 @@ def test_normalisation_makes_defaults_explicit() -> None:
 def test_validation_messages(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         validate_submit(_payload(**spec), default_timeout=60)
+
+
+def test_a_record_made_of_a_job_keeps_the_model_parsing_its_wire_form_gives() -> None:
+    """``JobRecord.of`` skips parsing the stored form again: only sound if both agree."""
+    from shoal_common.spec import Job
+
+    record = make_job(annotations=["a", "b"])
+    assert "model" in record.__dict__  # kept, not parsed again
+    assert Job.model_validate(record.job) == record.model
+    assert record.evolve(state=JobStateType.QUEUED).__dict__["model"] is record.model

@@ -66,8 +66,9 @@ class RequesterSettings(ServiceSettings):
     # over-asking would double bid messages and node reservations for every job to save that.
     over_ask: float = Field(1.0, ge=1.0)
     # In clusters larger than this, placement looks at a window of nodes until it holds this
-    # many free fitting ones, then ranks those (0: always look at every node).
-    candidate_sample: int = Field(32, ge=0)
+    # many free fitting ones, then ranks those (0: always look at every node). 8 spreads jobs
+    # evenly (see the spread test) at a quarter of 32's cost per placement.
+    candidate_sample: int = Field(8, ge=0)
     # Replacement rounds after failed executions or refused bids (0 = never retry).
     max_retries: int = Field(3, ge=0)
     # How long a job may wait in Queued for a node with free capacity.

@@ -96,10 +96,10 @@ def make_job(
     if annotations:
         spec = spec.model_copy(update={"annotations": list(annotations)})
     job = Job(metadata=Metadata(ID=job_id, ClientID=client_id, CreatedAt=created), spec=spec)
-    return JobRecord(
+    return JobRecord.of(
+        job,
         id=job_id,
         client_id=client_id,
-        job=to_wire(job),
         state=state,
         version=1,
         created=created,

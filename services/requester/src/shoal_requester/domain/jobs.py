@@ -25,7 +25,6 @@ from shoal_common.spec import (
     JobStateType,
     Metadata,
     Spec,
-    to_wire,
     utcnow,
 )
 from shoal_requester import metrics
@@ -107,10 +106,10 @@ class JobService:
             ),
             Spec=spec,
         )
-        record = JobRecord(
+        record = JobRecord.of(
+            job,
             id=job_id,
             client_id=client_id,
-            job=to_wire(job),
             state=JobStateType.NEW,
             version=1,
             created=now,

@@ -23,6 +23,7 @@ from shoal_common.spec import (
     JobStateType,
     Spec,
     VerifierType,
+    to_wire,
 )
 
 # Executions in these states hold (or are about to hold) capacity on their node.
@@ -78,6 +79,14 @@ class JobRecord:
     status: str = ""
     # sha256 of the signed payload bytes: a replayed submit finds its original job.
     submit_key: str | None = None
+
+    @classmethod
+    def of(cls, job: Job, **fields: Any) -> JobRecord:
+        """A record of ``job`` (stored in its wire form) that keeps the parsed model: placement
+        reads every new job's spec, and parsing the wire form again costs ~0.2 ms a job."""
+        record = cls(job=to_wire(job), **fields)
+        record.__dict__["model"] = job
+        return record
 
     @cached_property
     def model(self) -> Job:

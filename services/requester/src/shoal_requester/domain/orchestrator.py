@@ -359,15 +359,21 @@ class Orchestrator:
         return requirements(job.spec, client_id=job.client_id, resources=job.resources)
 
     def _candidates(
-        self, job: JobRecord, req: Requirements, executions: Sequence[ExecutionRecord]
+        self,
+        job: JobRecord,
+        req: Requirements,
+        executions: Sequence[ExecutionRecord],
+        *,
+        want: int = 1,
     ) -> tuple[list[TrackedNode], list[TrackedNode], int]:
         """(free candidates in asking order, busy candidates, nodes that fit at all).
 
         In a large cluster only a window of nodes is looked at: checking and scoring every node
         for every job made placement O(cluster) (~40 us a node: 25 decisions/s at 1,000 nodes).
         The window starts at a place drawn from the job id and ends once it holds
-        ``candidate_sample`` free fitting nodes, which rendezvous then ranks ("power of d
-        choices": near-even spread at O(d) a job). Jobs with data-locality or label preferences
+        ``candidate_sample`` free fitting nodes (more if the job wants more executions than
+        that, every ask round included), which rendezvous then ranks ("power of d choices":
+        near-even spread at O(d) a job). Jobs with data-locality or label preferences
         still look at every node, and so does any job the window cannot serve: ``fitting`` is
         exact whenever no free candidate was found.
         """
@@ -380,6 +386,8 @@ class Orchestrator:
         nodes = self._inventory.schedulable()
         wanted_cids = {i.cid for i in job.spec.inputs or [] if i.cid}
         sample = self._settings.candidate_sample
+        if sample:
+            sample = max(sample, want * (self._settings.max_retries + 1))
         if sample and len(nodes) > sample and not wanted_cids and not req.preferences:
             start = rendezvous_start(job.id, len(nodes))
             nodes = nodes[start:] + nodes[:start]
@@ -430,7 +438,7 @@ class Orchestrator:
             return
 
         req = self._requirements(job)
-        free, busy, fitting = self._candidates(job, req, executions)
+        free, busy, fitting = self._candidates(job, req, executions, want=want)
         if min_bids and len(free) < min_bids:
             # Too few nodes free to collect min_bids at once: wait for them (the submit check
             # made sure enough nodes exist).
