@@ -28,11 +28,14 @@ from shoal_common.cid import (
     MAX_LINKS,
     Block,
     FileCidBuilder,
+    TreeCidBuilder,
     _FileDag,
     _murmur3_x64_64,
+    cid_and_size_of_path,
     cid_of_bytes,
     cid_of_file,
     cid_of_path,
+    cid_of_small_tree,
     cid_to_multihash,
     encode_file_leaf,
     is_valid_cid,
@@ -742,3 +745,95 @@ def test_cid_v0_and_v1_name_the_same_multihash() -> None:
     assert multihash_to_cid(cid_to_multihash(v1)) == v0
     with pytest.raises(ValueError, match="dag-pb"):
         cid_to_multihash("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
+
+
+# --------------------------------------------------------------------------- root CID only
+
+
+KUBO_TREES = [
+    (
+        {"mars.txt": b"Hello Mars!\n", "venus.txt": b"Hello Venus!\n"},
+        "QmWSgS32xQEcXMeqd3YPJLrNBLSdsfYCep2U7CFkyrjXwY",
+    ),
+    (
+        {
+            "jupiter/europa.txt": b"Hello Europa!\n",
+            "saturn/titan.txt": b"Hello Titan!\n",
+            "mercury.txt": b"hey youre no moon!\n",
+        },
+        "QmVKvomp91nMih5j6hYBA8KjbiaYvEetU2Q7KvtZkLe9nQ",
+    ),
+    (
+        {"hey": b"Hey\n", "hello/world": b"World\n"},
+        "QmZQWnfcqJ6hNkkPvrY9Q5X39GP3jUnUbAV4AbmbbR3Cb1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("files", "expected"), KUBO_TREES)
+def test_root_only_walks_give_kubo_cids_and_sizes(
+    tmp_path: Path, files: dict[str, bytes], expected: str
+) -> None:
+    root = make_tree(tmp_path / "t", dict(files))
+    size = sum(len(data) for data in files.values())
+    assert cid_and_size_of_path(root) == (expected, size)
+    assert cid_of_small_tree(root, max_bytes=size, max_entries=64) == (expected, size)
+
+
+def results_folder(root: Path) -> dict[str, bytes | None]:
+    """A results folder as the executors leave it, and with what else a job may write."""
+    files: dict[str, bytes | None] = {
+        "stdout": b"hello\n",
+        "stderr": b"",
+        "exitCode": b"0",
+        "outputs/.hidden": b"dot",
+        "outputs/nested/empty": None,
+        "outputs/two-chunks": bytes(range(256)) * (CHUNK_SIZE // 256) + b"tail",
+        "logs": None,
+    }
+    make_tree(root, files)
+    return files
+
+
+def test_small_tree_equals_the_block_walk_and_the_in_memory_tree(tmp_path: Path) -> None:
+    """The runner's inline addressing of a results folder gives exactly the CID of the full
+    block walk (what the content store serves) and of the same tree built from bytes in
+    memory, with the content size."""
+    root = tmp_path / "results"
+    files = results_folder(root)
+    [walked] = [item for item in walk_dag(root) if item.path == "" and item.root == "dir"]
+    built = TreeCidBuilder()
+    for rel, data in files.items():
+        parts = tuple(rel.split("/"))
+        if data is None:
+            built.add_dir(parts)
+        else:
+            file = FileCidBuilder()
+            file.update(data)
+            built.add_file(parts, file)
+    size = sum(len(data) for data in files.values() if data is not None)
+    expected = (walked.cid, size)
+    assert walked.size == size
+    assert built.finish() == walked.cid
+    assert cid_of_path(root) == walked.cid
+    assert cid_and_size_of_path(root) == expected
+    assert cid_of_small_tree(root, max_bytes=size, max_entries=len(files) + 3) == expected
+
+
+def test_small_tree_gives_up_past_its_budget(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    files = results_folder(root)
+    size = sum(len(data) for data in files.values() if data is not None)
+    entries = len(files) + 3  # the root, outputs/ and outputs/nested/ are implied
+    assert cid_of_small_tree(root, max_bytes=size - 1, max_entries=entries) is None
+    assert cid_of_small_tree(root, max_bytes=size, max_entries=entries - 1) is None
+    assert cid_of_small_tree(root, max_bytes=size, max_entries=entries) is not None
+
+
+def test_small_tree_refuses_symlinks(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "results", {"stdout": b"x"})
+    (root / "link").symlink_to(root / "stdout")
+    with pytest.raises(ValueError, match="symlink"):
+        cid_of_small_tree(root, max_bytes=1 << 20, max_entries=10)
+    with pytest.raises(ValueError, match="symlink"):
+        cid_and_size_of_path(root)

@@ -122,22 +122,27 @@ class GroupCommitEngine:
             raise RuntimeError("store closed")
         async with self._lock:
             conn = self._writer_connection()
+            # BEGIN and the savepoint go straight to the driver: through SQLAlchemy they cost
+            # more CPU than the statements they wrap (profile: ~4% of the devstack).
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
             if not self._in_group:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                dbapi.execute("BEGIN IMMEDIATE")
                 self._in_group = True
-            savepoint = conn.begin_nested()
+            dbapi.execute(_SAVEPOINT)
             token = _HOLDING.set(self)
             try:
                 yield LoopConnection(conn)
             except BaseException:
-                if savepoint.is_active:
-                    savepoint.rollback()
+                with contextlib.suppress(Exception):  # gone if SQLite rolled everything back
+                    dbapi.execute(_ROLLBACK_TO)
+                    dbapi.execute(_RELEASE)
                 if not self._waiting:  # nothing else in the group: let go of the write lock
                     _rollback(conn)
                     self._in_group = False
                 raise
             else:
-                savepoint.commit()
+                dbapi.execute(_RELEASE)
                 durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._waiting.append(durable)
                 self._start_committer()
@@ -208,10 +213,18 @@ class GroupCommitEngine:
                         waiter.set_result(None)
 
 
+# Each caller's work in a group is one savepoint: a failure rolls back only that caller's.
+_SAVEPOINT = "SAVEPOINT shoal_group_member"
+_ROLLBACK_TO = "ROLLBACK TO shoal_group_member"
+_RELEASE = "RELEASE shoal_group_member"
+
+
 def _commit(conn: Connection) -> None:
     # COMMIT as SQL, not the driver's commit(): that is a silent no-op when SQLite has already
     # rolled the transaction back (I/O error), and the group would be reported durable.
-    conn.exec_driver_sql("COMMIT")
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    dbapi.execute("COMMIT")
     conn.commit()  # SQLAlchemy's own bookkeeping; the driver has no transaction left
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import time
@@ -24,11 +25,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from shoal_common import tracing
-from shoal_common.cid import cid_of_path
+from shoal_common.cid import cid_and_size_of_path, cid_of_small_tree
 from shoal_common.errors import ShoalError
 from shoal_common.events import Event, ExecutionCancelled, ExecutionFailed, ResultProposed
 from shoal_common.protocol import LogChunk
@@ -204,7 +206,7 @@ class ExecutionRunner:
             await self._commit_quietly(record, self._failed(record, why, True))
         finally:
             engine = (job.spec.engine or Engine.NOOP).value
-            metrics.EXECUTION_DURATION.labels(engine).observe(time.monotonic() - active.started)
+            _duration_metric(engine).observe(time.monotonic() - active.started)
             self.active.pop(record.id, None)
             self._finished(record.id)
             self._cleanup_inputs(record.id)
@@ -296,7 +298,7 @@ class ExecutionRunner:
         """What a failed run wrote, content-addressed and served like a result (or None)."""
         results_dir = self.paths(record.id).results
         try:
-            cid, size = await asyncio.to_thread(_address, results_dir)
+            cid, size = await _address(results_dir)
         except (ValueError, OSError) as exc:  # refused content, or nothing was written
             log.info("partial_result_dropped", execution_id=record.id, reason=str(exc))
             return None
@@ -308,7 +310,7 @@ class ExecutionRunner:
     ) -> tuple[LocalState, Event, dict[str, object]]:
         results_dir = self.paths(record.id).results
         try:
-            cid, size = await asyncio.to_thread(_address, results_dir)
+            cid, size = await _address(results_dir)
         except ValueError as exc:  # a symlink or device file in an output volume
             return self._failed(record, f"results refused: {exc}", False, run_output=run_output)
         self._cache.add_result(cid, results_dir)
@@ -389,7 +391,7 @@ class ExecutionRunner:
             )
             active = self.active.get(record.id)
             engine = (active.job.spec.engine if active else None) or Engine.NOOP
-            metrics.EXECUTIONS.labels(engine=engine.value, outcome=state.value).inc()
+            _executions_metric(engine.value, state.value).inc()
             log.info(
                 "execution_" + state.value,
                 execution_id=record.id,
@@ -417,6 +419,17 @@ class ExecutionRunner:
             asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, inputs, True)
 
 
+# Labelled children looked up once: labels() validates and hashes its arguments on every call.
+@functools.cache
+def _duration_metric(engine: str) -> Any:
+    return metrics.EXECUTION_DURATION.labels(engine)
+
+
+@functools.cache
+def _executions_metric(engine: str, outcome: str) -> Any:
+    return metrics.EXECUTIONS.labels(engine=engine, outcome=outcome)
+
+
 def disk_full_reason(exc: BaseException, node_id: str) -> str | None:
     """A clear failure reason when ``exc`` is the node's disk (or quota) running out."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -424,14 +437,18 @@ def disk_full_reason(exc: BaseException, node_id: str) -> str | None:
     return None
 
 
-def _address(folder: Path) -> tuple[str, int]:
+# A results folder up to this big is content-addressed on the event loop: a handful of small
+# files (stdout, stderr, exitCode) take tens of microseconds, less than the hop to a thread.
+_INLINE_BYTES = 256 * 1024
+_INLINE_ENTRIES = 32
+
+
+async def _address(folder: Path) -> tuple[str, int]:
     """CID and content size of a results folder (refuses symlinks and special files)."""
-    cid = cid_of_path(folder)
-    size = 0
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            size += os.lstat(os.path.join(dirpath, name)).st_size
-    return cid, size
+    small = cid_of_small_tree(folder, max_bytes=_INLINE_BYTES, max_entries=_INLINE_ENTRIES)
+    if small is not None:
+        return small
+    return await asyncio.to_thread(cid_and_size_of_path, folder)
 
 
 class LiveLog:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,7 @@ from shoal_requester.domain.model import (
 )
 from shoal_requester.store.base import HistoryFanout, HistoryListener, Publish
 from shoal_requester.store.tables import (
+    UTCDateTime,
     executions,
     history,
     job_tags,
@@ -321,14 +323,62 @@ _UPDATE_EXECUTION = (
 
 
 _SQLITE = sqlite_dialect.dialect(paramstyle="qmark")
-_SQLITE_SQL: dict[tuple[int, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+_SQLITE_SUBMIT_KEY_TAKEN = "SELECT 1 FROM jobs WHERE submit_key = ?"
 
 
-def _sqlite_value(value: Any) -> Any:
-    # What UTCDateTime + SQLAlchemy's SQLite DATETIME would store: naive UTC text.
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return value
+@dataclass(frozen=True)
+class _SqliteStatement:
+    """A prebuilt statement compiled once for the stdlib driver, for one set of keys."""
+
+    text: str
+    get: Callable[[Mapping[str, Any]], tuple[Any, ...]]  # a row's values in bind order
+    datetimes: tuple[int, ...]  # positions of UTCDateTime binds
+
+
+_SQLITE_SQL: dict[tuple[int, tuple[str, ...]], _SqliteStatement] = {}
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """What UTCDateTime + SQLAlchemy's SQLite DATETIME store: naive UTC text, microseconds."""
+    if value.tzinfo is None:  # UTCDateTime reads a naive value as UTC
+        return value.isoformat(" ", "microseconds")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _sqlite_statement(stmt: Any, keys: tuple[str, ...]) -> _SqliteStatement:
+    cached = _SQLITE_SQL.get((id(stmt), keys))
+    if cached is None:
+        compiled = stmt.compile(dialect=_SQLITE, column_keys=list(keys))
+        order = tuple(compiled.positiontup or ())
+        get: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+        if len(order) == 1:
+            [only] = order
+
+            def get(row: Mapping[str, Any]) -> tuple[Any, ...]:
+                return (row[only],)
+
+        else:
+            get = operator.itemgetter(*order)
+        datetimes = tuple(
+            i for i, name in enumerate(order) if isinstance(compiled.binds[name].type, UTCDateTime)
+        )
+        cached = _SqliteStatement(str(compiled), get, datetimes)
+        _SQLITE_SQL[(id(stmt), keys)] = cached
+    return cached
+
+
+def _sqlite_params(statement: _SqliteStatement, row: Mapping[str, Any]) -> Sequence[Any]:
+    values = statement.get(row)
+    if not statement.datetimes:
+        return values
+    out = list(values)
+    for i in statement.datetimes:
+        value = out[i]
+        if value is not None:
+            out[i] = _sqlite_datetime(value)
+    return out
 
 
 def _run(
@@ -351,28 +401,21 @@ def _run(
     rows: Sequence[Mapping[str, Any]] = [params] if isinstance(params, Mapping) else params
     if not rows:
         return 0, []
-    keys = tuple(rows[0])
-    cached = _SQLITE_SQL.get((id(stmt), keys))
-    if cached is None:
-        compiled = stmt.compile(dialect=_SQLITE, column_keys=list(keys))
-        cached = (str(compiled), tuple(compiled.positiontup or ()))
-        _SQLITE_SQL[(id(stmt), keys)] = cached
-    text, order = cached
+    statement = _sqlite_statement(stmt, tuple(rows[0]))
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        values = [tuple(_sqlite_value(r[k]) for k in order) for r in rows]
         if returning:
             out = []
-            for v in values:
-                cursor.execute(text, v)
-                row = cursor.fetchone()
-                assert row is not None
-                out.append(row[0])
+            for row in rows:
+                cursor.execute(statement.text, _sqlite_params(statement, row))
+                fetched = cursor.fetchone()
+                assert fetched is not None
+                out.append(fetched[0])
             return len(out), out
         if many:
-            cursor.executemany(text, values)
+            cursor.executemany(statement.text, [_sqlite_params(statement, r) for r in rows])
         else:
-            cursor.execute(text, values[0])
+            cursor.execute(statement.text, _sqlite_params(statement, rows[0]))
         return int(cursor.rowcount), []
     finally:
         cursor.close()
@@ -388,8 +431,19 @@ def _find_by_submit_key(conn: Connection, key: str) -> JobRecord | None:
     return _job(row) if row is not None else None
 
 
+def _submit_key_taken(conn: Connection, key: str) -> bool:
+    if conn.dialect.name != "sqlite":
+        return True  # let _find_by_submit_key say
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        return cursor.execute(_SQLITE_SUBMIT_KEY_TAKEN, (key,)).fetchone() is not None
+    finally:
+        cursor.close()
+
+
 def _create_job(conn: Connection, job: JobRecord, first: HistoryRecord) -> _Written:
-    if job.submit_key is not None:
+    # On SQLite a replay is looked for with a bare statement first: nearly every submit is new.
+    if job.submit_key is not None and _submit_key_taken(conn, job.submit_key):
         existing = _find_by_submit_key(conn, job.submit_key)
         if existing is not None:
             return _Written((existing, False))
@@ -448,7 +502,8 @@ def _apply(conn: Connection, changes: Changes) -> _Written:
         rows = [dataclasses.replace(h, seq=s) for h, s in zip(rows, seqs, strict=True)]
     standing = standing_changes(changes)
     if standing:
-        conn.execute(
+        _run(
+            conn,
             _UPSERT_STANDING[conn.dialect.name],
             [
                 {

@@ -1,0 +1,93 @@
+"""The requester store's bare-driver SQLite path writes what SQLAlchemy would have written."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from shoal_requester.store.sql import (
+    _INSERT_HISTORY_ONE,
+    _UPDATE_JOB,
+    _sqlite_datetime,
+    _sqlite_params,
+    _sqlite_statement,
+)
+from shoal_requester.store.tables import UTCDateTime
+
+_DIALECT = sqlite_dialect.dialect()
+_DATETIME = UTCDateTime().dialect_impl(_DIALECT)
+
+
+def sqlalchemy_stores(value: datetime) -> str:
+    """The text SQLAlchemy's UTCDateTime on SQLite's DATETIME binds for ``value``."""
+    bound = UTCDateTime().process_bind_param(value, _DIALECT)
+    processor = _DATETIME.bind_processor(_DIALECT)
+    assert processor is not None
+    stored = processor(bound)
+    assert isinstance(stored, str)
+    return stored
+
+
+zones = st.sampled_from(
+    [None, UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]
+)
+
+
+@given(
+    moment=st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30)),
+    zone=zones,
+)
+def test_datetimes_are_stored_as_sqlalchemy_stores_them(
+    moment: datetime, zone: timezone | None
+) -> None:
+    value = moment.replace(tzinfo=zone)
+    assert _sqlite_datetime(value) == sqlalchemy_stores(value)
+
+
+def test_params_follow_the_compiled_bind_order_and_convert_only_datetimes() -> None:
+    now = datetime(2026, 12, 3, 8, 0, 0, tzinfo=UTC)
+    row = {
+        "job": '{"x": 1}',
+        "state": "InProgress",
+        "version": 3,
+        "updated": now,
+        "timeout_at": None,
+        "queue_deadline": now + timedelta(seconds=1),
+        "retries_used": 0,
+        "extra_executions": 0,
+        "status": "2021-01-01 00:00:00",  # text that looks like a date stays text
+        "b_id": "j1",
+        "b_state": "Queued",
+        "b_version": 2,
+    }
+    statement = _sqlite_statement(_UPDATE_JOB, tuple(row))
+    assert statement.text.startswith("UPDATE jobs SET job=?")
+    params = list(_sqlite_params(statement, row))
+    assert params == [
+        '{"x": 1}',
+        "InProgress",
+        3,
+        "2026-12-03 08:00:00.000000",
+        None,
+        "2026-12-03 08:00:01.000000",
+        0,
+        0,
+        "2021-01-01 00:00:00",
+        "j1",
+        "Queued",
+        2,
+    ]
+    assert _sqlite_statement(_UPDATE_JOB, tuple(row)) is statement  # compiled once
+
+
+@pytest.mark.parametrize("keys", [("job_id",), ("job_id", "type", "time")])
+def test_single_and_several_binds(keys: tuple[str, ...]) -> None:
+    now = datetime(2026, 12, 3, tzinfo=UTC)
+    row = {"job_id": "j", "type": "JobLevel", "time": now}
+    statement = _sqlite_statement(_INSERT_HISTORY_ONE, keys)
+    expected = ["j", "JobLevel", "2026-12-03 00:00:00.000000"][: len(keys)]
+    assert list(_sqlite_params(statement, {k: row[k] for k in keys})) == expected
