@@ -1,6 +1,7 @@
 """Crash: ``kill -9`` of each service at a random moment with 1,000 jobs in flight (issue 8, F3).
 
     uv run --frozen python -m benchmarks.crash                          # every victim, 1,000 jobs
+    uv run --frozen python -m benchmarks.crash --victims none          # the baseline: no kill
     uv run --frozen python -m benchmarks.crash --jobs 200 --victims verifier,nats   # a short run
 
 For each victim (requester, compute, verifier, publisher, nats) a fresh cluster of real
@@ -30,8 +31,10 @@ its port; none for the verifier and the publisher, whose absence nothing tracks:
 waits in JetStream), restart -> the victim ready again, time to recover (restart -> all jobs
 terminal, and kill -> all terminal, from the requester's own timestamps), and latency p50/p99
 (created -> terminal as the requester recorded them, so jobs that ended while the event stream
-was down count too). One line per victim in results/crash.jsonl, then one ``scenario: all``
-line (figures prefixed ``<victim>_``) that run_all.py reads.
+was down count too). The victim ``none`` (run first by default) kills nothing: its "recover"
+times, from the moment a kill would have been, are how long the backlog takes to drain anyway.
+One line per victim in results/crash.jsonl, then one ``scenario: all`` line (figures prefixed
+``<victim>_``) that run_all.py reads.
 
 Target (issue 8): 0 lost, all terminal, no duplicates, for every victim.
 """
@@ -78,6 +81,9 @@ from benchmarks.common import (
 
 NAME = "crash"
 VICTIMS = ("requester", "compute", "verifier", "publisher", "nats")
+# The same run with no kill: how long the 1,000 jobs take to drain anyway, to read the
+# victims' recovery times against (its "kill" is only the moment a kill would have been).
+BASELINE = "none"
 # Per-victim figures repeated, prefixed, in the ``scenario: all`` line.
 SUMMARY_KEYS = (
     "acknowledged",
@@ -231,6 +237,9 @@ class Crash:
 async def kill_and_restart(cluster: Cluster, pool: HttpPool, crash: Crash, *, down: float) -> None:
     victim = crash.victim
     crash.at_wall, crash.at_mono = time.time(), time.monotonic()
+    if victim == BASELINE:
+        crash.restarted_wall = crash.at_wall + down  # when a victim would have come back
+        return
     if victim == "nats":
         assert cluster.nats is not None
         await asyncio.to_thread(cluster.nats.kill)
@@ -320,8 +329,9 @@ async def scenario(args: argparse.Namespace, victim: str, rng: random.Random) ->
             crash.acked = len(submitter.acked)
             crash.terminal = sum(1 for j in submitter.acked if j in watcher.ended)
             kill_after = time.monotonic() - t0
+            what = "no kill (baseline)" if victim == BASELINE else f"SIGKILL {name}"
             print(
-                f"[{victim}] SIGKILL {name} at {kill_after:.1f} s: {crash.acked} acknowledged, "
+                f"[{victim}] {what} at {kill_after:.1f} s: {crash.acked} acknowledged, "
                 f"{crash.acked - crash.terminal} in flight",
                 flush=True,
             )
@@ -386,6 +396,10 @@ async def scenario(args: argparse.Namespace, victim: str, rng: random.Random) ->
         "wall_s": round(wall, 1),
         "event_stream_disconnects": watcher.disconnects,
         "lost_sample": lost[:5],
+        "not_completed_sample": [
+            f"{final[j]}: {(states.get(j) or {}).get('Status')}"
+            for j in [j for j in job_ids if final[j] != "Completed"][:5]
+        ],
         "never_acknowledged_sample": submitter.never_acknowledged[:3],
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -438,8 +452,8 @@ def main() -> None:
     p.add_argument(
         "--victims",
         type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
-        default=list(VICTIMS),
-        help=f"Comma-separated, of {', '.join(VICTIMS)}.",
+        default=[BASELINE, *VICTIMS],
+        help=f"Comma-separated, of {', '.join(VICTIMS)}, and {BASELINE} (no kill: the baseline).",
     )
     p.add_argument("--concurrency", type=int, default=64, help="Submitters (open loop).")
     p.add_argument("--compute-nodes", type=int, default=2)
@@ -452,9 +466,9 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="Keep each cluster's state and logs.")
     add_common_args(p)
     args = p.parse_args()
-    unknown = set(args.victims) - set(VICTIMS)
+    unknown = set(args.victims) - {BASELINE, *VICTIMS}
     if unknown:
-        p.error(f"unknown victims {sorted(unknown)}; choose from {', '.join(VICTIMS)}")
+        p.error(f"unknown victims {sorted(unknown)}; choose from {BASELINE}, {', '.join(VICTIMS)}")
     figures = asyncio.run(measure(args))
     figures["seed"] = args.seed
     emit(NAME, figures, args.json_out)
