@@ -52,7 +52,7 @@ MAX_ACK_PENDING = 20_000
 # sends a heartbeat this often (3 missed: the request is renewed); acks are cumulative (AckAll)
 # and sent at most this often, or at once when this many handled messages wait for one.
 PULL_EXPIRES_S = 30.0
-PULL_HEARTBEAT_S = 5.0
+PULL_HEARTBEAT_S = 2.5
 ACK_FLUSH_S = 1.0
 ACK_FLUSH_COUNT = 1000
 
