@@ -126,6 +126,38 @@ async def test_each_event_once_acks_batched_and_idle_is_silent(
         await producer.close()
 
 
+async def test_acks_go_at_once_after_many_handled(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus_module, "ACK_FLUSH_S", 60.0)  # only the count triggers an ack
+    monkeypatch.setattr(bus_module, "ACK_FLUSH_COUNT", 10)
+    producer = await NatsBus.connect(nats_server.url, name="producer")
+    consumer = await NatsBus.connect(nats_server.url, name="consumer")
+    seen: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.id)
+
+    try:
+        await consumer.consume_events(producer=Producer.COMPUTE, durable="c7", handler=handler)
+        for n in range(95):
+            await producer.publish_event(event(n))
+        await until(lambda: len(seen) == 95)
+
+        async def mostly_acked() -> bool:
+            state = await consumer_state(nats_server.url, "c7")
+            return bool(state.ack_floor.stream_seq >= 90)
+
+        await wait_for(mostly_acked, timeout=5)
+        state = await consumer_state(nats_server.url, "c7")
+        assert state.num_ack_pending == 95 - state.ack_floor.stream_seq
+    finally:
+        await consumer.close()  # acks the rest on the way out
+        await producer.close()
+    state = await consumer_state(nats_server.url, "c7")
+    assert state.num_ack_pending == 0
+
+
 async def test_failed_handler_is_retried_and_holds_the_ack_floor(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

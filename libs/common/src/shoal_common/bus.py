@@ -332,6 +332,7 @@ class EventConsumer:
         self._last_activity = 0.0
         self._active: dict[int, Msg] = {}  # stream seq -> being handled (or retried)
         self._done: dict[int, Msg] = {}  # stream seq -> handled, not acked yet
+        self._done_since_flush = 0
         self._acked_seq = 0  # stream seq of the last ack sent
         self._last_dseq = 0  # consumer (delivery) sequence of the last delivery seen
         self._verified = True  # every message pending at the server is in _active/_done
@@ -510,7 +511,8 @@ class EventConsumer:
     def _schedule_flush(self) -> None:
         if self._stopping:
             return
-        if len(self._done) >= ACK_FLUSH_COUNT:
+        self._done_since_flush += 1
+        if self._done_since_flush >= ACK_FLUSH_COUNT and self._verified:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
                 self._flush_handle = None
@@ -523,6 +525,7 @@ class EventConsumer:
 
     async def _flush_acks(self) -> None:
         self._flush_handle = None
+        self._done_since_flush = 0
         if not self._done:
             return
         if not self._verified and not await self._reverify():
