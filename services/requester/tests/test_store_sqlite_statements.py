@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_requester.store.sql import (
     _INSERT_HISTORY_ONE,
+    _INSERT_OUTBOX,
     _UPDATE_JOB,
+    SqlRequesterStore,
+    _run,
     _sqlite_datetime,
     _sqlite_params,
     _sqlite_statement,
@@ -37,6 +43,7 @@ zones = st.sampled_from(
 )
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(
     moment=st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30)),
     zone=zones,
@@ -91,3 +98,26 @@ def test_single_and_several_binds(keys: tuple[str, ...]) -> None:
     statement = _sqlite_statement(_INSERT_HISTORY_ONE, keys)
     expected = ["j", "JobLevel", "2026-12-03 00:00:00.000000"][: len(keys)]
     assert list(_sqlite_params(statement, {k: row[k] for k in keys})) == expected
+
+
+async def test_driver_errors_surface_as_sqlalchemy_errors(tmp_path: Path) -> None:
+    """The bare-driver path raises what SQLAlchemy would: callers catch IntegrityError and
+    shoal_common.db.DATABASE_UNAVAILABLE (OperationalError), not sqlite3's own classes."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    try:
+        conn = store._sync.connect()  # type: ignore[union-attr]
+        try:
+            with conn.begin():
+                row = {"event_id": "e1", "envelope": b"{}", "created": 0.0}
+                _run(conn, _INSERT_OUTBOX, row)
+                with pytest.raises(sa_exc.IntegrityError):
+                    _run(conn, _INSERT_OUTBOX, row)
+                conn.exec_driver_sql("PRAGMA query_only=ON")
+                with pytest.raises(DATABASE_UNAVAILABLE):
+                    _run(conn, _INSERT_OUTBOX, {**row, "event_id": "e2"})
+                conn.exec_driver_sql("PRAGMA query_only=OFF")
+        finally:
+            conn.close()
+    finally:
+        await store.close()

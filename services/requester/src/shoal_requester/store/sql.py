@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import operator
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shoal_common.db import OutboxRelay, create_engine, is_sqlite, normalise_url, run_migrations
@@ -417,8 +418,16 @@ def _run(
         else:
             cursor.execute(statement.text, _sqlite_params(statement, rows[0]))
         return int(cursor.rowcount), []
+    except sqlite3.Error as exc:
+        raise _translated(exc, statement.text, conn) from exc
     finally:
         cursor.close()
+
+
+def _translated(exc: sqlite3.Error, text: str, conn: Connection) -> BaseException:
+    """The SQLAlchemy exception SQLAlchemy would have raised (IntegrityError, OperationalError,
+    ...): callers catch those, e.g. shoal_common.db.DATABASE_UNAVAILABLE."""
+    return DBAPIError.instance(text, None, exc, sqlite3.Error, dialect=conn.dialect)
 
 
 def _find_job(conn: Connection, job_id: str) -> JobRecord | None:
@@ -437,6 +446,8 @@ def _submit_key_taken(conn: Connection, key: str) -> bool:
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         return cursor.execute(_SQLITE_SUBMIT_KEY_TAKEN, (key,)).fetchone() is not None
+    except sqlite3.Error as exc:
+        raise _translated(exc, _SQLITE_SUBMIT_KEY_TAKEN, conn) from exc
     finally:
         cursor.close()
 
