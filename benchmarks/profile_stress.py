@@ -285,7 +285,9 @@ def main() -> None:
     p.add_argument("--name", default="stress")
     args = p.parse_args()
     raw = Path(tempfile.mkdtemp(prefix="shoal-profile-")) / "stacks.txt"
-    with DevstackProcess.start("--noop", "--compute-nodes", "3") as stack:
+    # Every service in the one process py-spy samples (the default layout puts the requester
+    # in a child process of its own: ADR 0012).
+    with DevstackProcess.start("--noop", "--compute-nodes", "3", "--processes", "1") as stack:
         figures = asyncio.run(load(stack, args, raw))
     text, samples = summarise(raw, args.top)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -127,7 +127,7 @@ def serve(
     type=int,
     default=0,
     show_default=True,
-    help="Also run N lightweight simulated compute nodes in this process, over the real NATS "
+    help="Also run N lightweight simulated compute nodes in one child process, over the real NATS "
     "server (noop runs, in-memory state; for scale benchmarks, see docs/benchmarks.md).",
 )
 @click.option("--noop", is_flag=True, help="Run every engine on the noop executor (stress tests).")
@@ -155,13 +155,13 @@ def serve(
     "--processes",
     type=click.Choice(PROCESS_CHOICES),
     envvar="SHOAL_DEVSTACK_PROCESSES",
-    default="1",
+    default="2",
     show_default=True,
     help="How the services share OS processes: 1 = all in this process (one event loop, one "
-    "core at most); 2 = the requester in a process of its own, the others here (two cores); "
-    "all = one `shoal serve` process per service, as in production. NATS is always its own "
-    "process; children log to <state-dir>/<name>.log and die with the devstack "
-    "(docs/adr/0012-devstack-processes.md).",
+    "core at most, the smallest footprint); 2 = the requester in a process of its own, the "
+    "others here (two cores); all = one `shoal serve` process per service, as in production "
+    "(~120 MiB each). NATS is always its own process; children log to <state-dir>/<name>.log "
+    "and die with the devstack (docs/adr/0012-devstack-processes.md).",
 )
 @click.option("-v", "--verbose", is_flag=True)
 def devstack(
