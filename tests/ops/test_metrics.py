@@ -121,8 +121,9 @@ def test_nodes_are_counted_by_state_when_scraped() -> None:
         )
     assert sample("shoal_requester_nodes", state="live") - before["live"] == 2
     assert sample("shoal_requester_nodes", state="stopping") - before["stopping"] == 1
-    now[0] = 10.0
-    inventory.observe(Heartbeat(info=node_info("n1"), seq=2, sent_at=time.time()))
+    for seq, t in enumerate((2.0, 4.0, 6.0, 8.0, 10.0), start=2):  # n1 beats on, n2, n3 not
+        now[0] = t
+        inventory.observe(Heartbeat(info=node_info("n1"), seq=seq, sent_at=time.time()))
     assert [n.id for n in inventory.expire()] == ["n2", "n3"]
     assert sample("shoal_requester_nodes", state="live") - before["live"] == 1
     assert sample("shoal_requester_nodes", state="lost") - before["lost"] == 2

@@ -502,8 +502,10 @@ def test_inventory_loss_and_revival() -> None:
     clock = _Clock()
     inv = Inventory(lost_after=3.5, clock=clock)
     inv.observe(_beat("a", cpu_free=4))
-    clock.now = 3.0
+    clock.now = 1.5
     inv.observe(_beat("b", cpu_free=4))
+    clock.now = 3.0
+    inv.observe(_beat("b", cpu_free=4, seq=2))
     assert [n.id for n in inv.schedulable()] == ["a", "b"]  # cached from here on
     clock.now = 4.0
     assert [n.id for n in inv.expire()] == ["a"]
@@ -532,7 +534,46 @@ def test_inventory_loads_persisted_nodes_as_presumed() -> None:
     assert loaded.state == PRESUMED
     assert fresh.get("gone") is None
     clock.now = 10
+    fresh.observe(_beat("b", cpu_free=4))  # heartbeats reach the new process: a is silent
     assert [n.id for n in fresh.expire()] == ["a"]
+
+
+def test_a_silence_of_every_node_is_not_taken_for_their_loss() -> None:
+    """B21: NATS killed for 3 s with 1,000 jobs in flight: no heartbeat reached the requester
+    for longer than ``lost_after``, it declared every node lost and failed their executions,
+    which carried on; the verifier then accepted the first results and refused the re-runs as
+    late, and 19 jobs stayed InProgress for good. Silence of everyone is the link, not the
+    nodes: each node gets ``lost_after`` from when heartbeats flow again."""
+    clock = _Clock()
+    inv = Inventory(lost_after=3.5, clock=clock)
+    for seq, t in enumerate((0.0, 1.0), start=1):
+        clock.now = t
+        inv.observe(_beat("a", cpu_free=4, seq=seq))
+        inv.observe(_beat("b", cpu_free=4, seq=seq))
+    clock.now = 5.0  # NATS down since about 1.0: nobody heard for 4 s
+    assert inv.expire() == []
+    clock.now = 5.5  # NATS back; a reconnects first
+    inv.observe(_beat("a", cpu_free=4, seq=3))
+    assert inv.expire() == []  # b has lost_after from now to come back
+    clock.now = 6.2
+    inv.observe(_beat("b", cpu_free=4, seq=3))
+    assert inv.expire() == []
+    assert inv.live_count() == 2
+    # A node that really dies is still found while the others are heard: b stops beating.
+    for seq, t in enumerate((7.0, 8.0, 9.0, 10.0), start=4):
+        clock.now = t
+        inv.observe(_beat("a", cpu_free=4, seq=seq))
+    assert [n.id for n in inv.expire()] == ["b"]
+
+
+def test_the_last_node_dying_is_still_found() -> None:
+    clock = _Clock()
+    inv = Inventory(lost_after=3.5, all_silent_after=30.0, clock=clock)
+    inv.observe(_beat("a", cpu_free=4))
+    clock.now = 10.0
+    assert inv.expire() == []  # everyone silent: the link, most likely
+    clock.now = 30.5
+    assert [n.id for n in inv.expire()] == ["a"]
 
 
 # --- validation ----------------------------------------------------------------------------------

@@ -113,8 +113,20 @@ def _signature(info: NodeInfo) -> tuple[object, ...]:
 class Inventory:
     """Nodes by id, their liveness and their free capacity (single event loop, no locks)."""
 
-    def __init__(self, *, lost_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        lost_after: float,
+        all_silent_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lost_after = lost_after
+        # Every node silent at once is this requester's link (or NATS) failing far more often
+        # than every node dying at once: then nodes are judged only once heartbeats flow again
+        # (each gets ``lost_after`` from then), or after this long in any case (B21).
+        self._all_silent_after = all_silent_after or max(30.0, 4 * lost_after)
+        self._last_heard: float | None = None  # monotonic time of the last heartbeat of any node
+        self._heard_again = float("-inf")  # when heartbeats came back after everyone was silent
         self._clock = clock
         self._nodes: dict[str, TrackedNode] = {}
         self._holds: dict[str, _Hold] = {}
@@ -149,6 +161,9 @@ class Inventory:
     def observe(self, beat: Heartbeat) -> Observation:
         info = beat.info
         now_mono, now = self._clock(), utcnow()
+        if self._last_heard is not None and now_mono - self._last_heard > self._lost_after / 2:
+            self._heard_again = now_mono
+        self._last_heard = now_mono
         node = self._nodes.get(info.node_id)
         signature = _signature(info)
         if node is None:
@@ -187,11 +202,26 @@ class Inventory:
         )
 
     def expire(self) -> list[TrackedNode]:
-        """Mark nodes silent for longer than ``lost_after`` lost; return the newly lost."""
+        """Mark nodes silent for longer than ``lost_after`` lost; return the newly lost.
+
+        Only while heartbeats reach this requester (some node was heard within half of
+        ``lost_after``), and counting each node's silence from when they came back after a
+        silence of every node: a NATS restart or a cut between the requester and NATS must not
+        fail every execution in flight while the nodes carry on (B21). A silence of everyone
+        that lasts ``all_silent_after`` (the last node died) still marks them lost.
+        """
         now = self._clock()
+        heard_lately = self._last_heard is not None and now - self._last_heard <= (
+            self._lost_after / 2
+        )
         lost = []
         for node in self._nodes.values():
-            if node.state != LOST and now - node.last_seen_mono > self._lost_after:
+            if node.state == LOST:
+                continue
+            silent = now - max(node.last_seen_mono, self._heard_again)
+            if (heard_lately and silent > self._lost_after) or (
+                now - node.last_seen_mono > self._all_silent_after
+            ):
                 node.state = LOST
                 self._schedulable = None
                 lost.append(node)
