@@ -212,8 +212,10 @@ class Devstack:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         saved = self._load_ports()
         nats_port = self._port("nats", saved)
-        self.nats = await asyncio.to_thread(
-            start_nats_server,
+        # On the loop's thread, not a worker's: the kernel sends the parent-death signal when
+        # the thread that forked the child ends. (Blocks this loop until NATS listens, ~50 ms;
+        # nothing else runs on it yet.)
+        self.nats = start_nats_server(
             cfg.state_dir / "nats",
             port=nats_port,
             log_file=cfg.state_dir / "nats.log",
