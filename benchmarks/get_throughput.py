@@ -164,7 +164,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mib * 1024 * 1024
     load_before = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="shoal-get-bench-", dir=args.work_dir))
-    stack = DevstackProcess.start("--compute-nodes", "1")
+    # One process: server_cpu_s reads the devstack's own process, which then holds the
+    # requester and the publisher that serve the downloads (ADR 0012).
+    stack = DevstackProcess.start("--compute-nodes", "1", "--processes", "1")
     try:
         api_url, publisher_url = stack.info["api_url"], stack.info["publisher_url"]
         client = ShoalClient(api_url, key=ClientKey.load_or_create(work / "key"), timeout=60)
