@@ -33,17 +33,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import stress
-from benchmarks.common import (
-    DevstackProcess,
-    Environment,
-    JobWatcher,
-    bench_key,
-    closed_loop,
-    loadavg,
-    record,
-    signed_submits,
-)
-from benchmarks.footprint import idle_figures
+from benchmarks.common import DevstackProcess, Environment, loadavg, record
+from benchmarks.footprint import idle_figures, run_jobs
 
 ENV = "SHOAL_DEVSTACK_PROCESSES"
 
@@ -79,19 +70,7 @@ def idle_run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             figures = idle_figures(stack, args.idle)
         figures["other_cpu_cores"] = env.figures()["other_cpu_cores"]
         if args.after_jobs:
-            key = bench_key()
-            bodies = signed_submits(0, args.after_jobs)
-
-            async def load() -> None:
-                watcher = await JobWatcher(stack.api_url).start()
-                try:
-                    await closed_loop(
-                        stack.api_url, bodies, 10, client_id=key.client_id, watcher=watcher
-                    )
-                finally:
-                    await watcher.stop()
-
-            asyncio.run(load())
+            run_jobs(stack, args.after_jobs)
             time.sleep(args.settle)
             prefix = f"after_{args.after_jobs}_jobs_"
             figures.update(idle_figures(stack, args.idle, prefix=prefix))

@@ -65,6 +65,21 @@ def idle_figures(stack: DevstackProcess, seconds: float, prefix: str = "") -> di
     }
 
 
+def run_jobs(stack: DevstackProcess, count: int) -> None:
+    """``count`` noop jobs through the devstack, 10 clients in a closed loop."""
+    key = bench_key()
+    bodies = signed_submits(0, count)
+
+    async def load() -> None:
+        watcher = await JobWatcher(stack.api_url).start()
+        try:
+            await closed_loop(stack.api_url, bodies, 10, client_id=key.client_id, watcher=watcher)
+        finally:
+            await watcher.stop()
+
+    asyncio.run(load())
+
+
 def simulated(nodes: int, seconds: float) -> dict[str, Any]:
     """RSS and idle CPU of ``nodes`` simulated nodes (the simulator process, else the delta)."""
     with DevstackProcess.start("--noop", "--compute-nodes", "0", SIM_FLAG, str(nodes)) as stack:
@@ -91,19 +106,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.settle)
         figures.update(idle_figures(stack, args.idle))
         if args.after_jobs:
-            key = bench_key()
-            bodies = signed_submits(0, args.after_jobs)
-
-            async def load() -> None:
-                watcher = await JobWatcher(stack.api_url).start()
-                try:
-                    await closed_loop(
-                        stack.api_url, bodies, 10, client_id=key.client_id, watcher=watcher
-                    )
-                finally:
-                    await watcher.stop()
-
-            asyncio.run(load())
+            run_jobs(stack, args.after_jobs)
             time.sleep(args.settle)
             after = idle_figures(stack, args.idle, prefix=f"after_{args.after_jobs}_jobs_")
             after.pop(f"after_{args.after_jobs}_jobs_rss_by_process_mib")
