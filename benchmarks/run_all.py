@@ -291,6 +291,8 @@ TARGETS = [
             Row("duplicates (all victims)", "duplicates", "", 0),
             Row("acknowledged (all victims)", "acknowledged", ""),
             Row("completed (all victims)", "completed", ""),
+            Row("no kill (baseline): the moment -> all terminal", "none_recover_from_kill_s", "s"),
+            Row("no kill (baseline): p99", "none_p99_ms", "ms"),
             *(
                 row
                 for victim in ("requester", "compute", "verifier", "publisher", "nats")
@@ -313,6 +315,7 @@ TARGETS = [
         "(deterministic) and published (local content store); SIGKILL once a seeded random "
         "number of jobs is acknowledged, restarted 3 s later (NATS on the same port and store); "
         "detect = kill -> node not live (compute) or first failed probe (requester, NATS); "
+        "the baseline runs the same load with no kill (how long the backlog drains anyway); "
         "submits refused while the requester is down are retried, not counted lost "
         "(benchmarks/crash.py, docs/reliability.md F3)",
     ),

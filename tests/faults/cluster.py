@@ -8,23 +8,16 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from shoal_common import spec as wire
 from shoal_common.natsserver import free_port, start_nats_server
-from shoal_common.spec import (
-    Deal,
-    DockerSpec,
-    Engine,
-    JobState,
-    PublisherType,
-    Spec,
-    VerifierType,
-)
+from shoal_common.spec import Deal, DockerSpec, Engine, JobState, PublisherType, Spec
 from tests.faults.tcpproxy import TcpProxy
 from tests.processes import ProcessCluster, ServiceProcess
 from tests.support import wait_until
 
 
 def noop_spec(
-    publisher: PublisherType = PublisherType.NOOP, verifier: VerifierType | None = None
+    publisher: PublisherType = PublisherType.NOOP, verifier: wire.VerifierType | None = None
 ) -> Spec:
     return Spec(
         Engine=Engine.NOOP,
