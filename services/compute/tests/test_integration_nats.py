@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from pathlib import Path
 
 import httpx
@@ -136,3 +137,62 @@ async def test_stopping_heartbeat_on_clean_stop(nats_server: NatsServer, tmp_pat
     await wait_for(stopped, timeout=5)
     assert not beats[0].stopping
     await requester.close()
+
+
+async def test_a_node_without_a_port_serves_on_the_same_port_after_a_restart(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """B19: the results a node proposed carry its content URL; after a restart (same state
+    dir, no port configured) it binds the port it chose before and advertises the same URL,
+    so they can still be fetched. Only if that port is taken does it pick a new one."""
+    requester = await NatsBus.connect(nats_server.url, name="test-requester")
+    beats: asyncio.Queue[Heartbeat] = asyncio.Queue()
+
+    async def on_beat(subject: str, data: bytes) -> None:
+        beats.put_nowait(Heartbeat.from_bytes(data))
+
+    await requester.subscribe(heartbeat("restarter"), on_beat)
+
+    def settings() -> ComputeSettings:
+        return ComputeSettings(
+            node_id="restarter",
+            nats_url=nats_server.url,
+            state_dir=tmp_path / "node",
+            engines=["Noop"],
+            gpus=0,
+        )
+
+    async def started() -> tuple[ComputeService, str]:
+        """A node started on the state dir, and the content URL its first heartbeat carries."""
+        while not beats.empty():
+            beats.get_nowait()
+        node = ComputeService(settings())
+        await node.start()
+        beat = await asyncio.wait_for(beats.get(), 5)
+        assert beat.info.content_url == node.content_url
+        assert node.content_url is not None
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{node.content_url}/node")  # served there
+        assert response.json()["content_url"] == node.content_url
+        return node, node.content_url
+
+    try:
+        node, first_url = await started()
+        port = int(first_url.rsplit(":", 1)[1])
+        assert settings().remembered_http_port("restarter") == port
+        await node.stop()
+
+        node, url = await started()
+        assert url == first_url  # same port, same advertised address
+        await node.stop()
+
+        # The port taken by someone else meanwhile: a new one, kept for the next restart.
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            node, url = await started()
+            await node.stop()
+        assert url != first_url
+        assert settings().remembered_http_port("restarter") == int(url.rsplit(":", 1)[1])
+    finally:
+        await requester.close()

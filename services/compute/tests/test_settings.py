@@ -72,3 +72,14 @@ def test_node_id_is_made_once_and_kept(tmp_path: Path) -> None:
 )
 def test_go_arch(machine: str, arch: str) -> None:
     assert go_arch(machine) == arch
+
+
+def test_the_chosen_http_port_is_kept_per_node(tmp_path: Path) -> None:
+    s = ComputeSettings(state_dir=tmp_path / "state")
+    assert s.remembered_http_port("n-1") is None  # nothing kept yet (no state dir even)
+    s.remember_http_port("n-1", 41234)
+    assert s.remembered_http_port("n-1") == 41234
+    assert s.remembered_http_port("n-2") is None  # nodes sharing a state dir keep their own
+    for garbage in ("", "port", "0", "70000"):
+        s.http_port_path("n-1").write_text(garbage)
+        assert s.remembered_http_port("n-1") is None

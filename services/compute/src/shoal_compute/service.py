@@ -8,7 +8,8 @@
 HTTP: ``.app`` serves ``GET /content/{cid}`` (the results the publisher fetches) and health.
 With ``port`` set, whoever hosts the service (``shoal serve``, the devstack) serves ``.app``
 there; with ``port=0`` the service serves it itself on a free port (``serve_http`` forces
-either way).
+either way), kept in the state dir and bound again after a restart, so the URLs of results
+proposed before it still answer (B19).
 """
 
 from __future__ import annotations
@@ -513,10 +514,10 @@ class ComputeService:
             return
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((s.host, s.port))
+        sock = self._http_socket()
         port = sock.getsockname()[1]
+        if not s.port:
+            s.remember_http_port(self.node_id, port)
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
         self._http = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="http")
@@ -527,6 +528,27 @@ class ComputeService:
             await asyncio.sleep(0.005)
         self._content_url = s.public_url or _base_url(s.host, port)
 
+    def _http_socket(self) -> socket.socket:
+        """The content endpoint's socket: bound to ``port`` if set, else to the port this node
+        chose before a restart (results it proposed carry URLs with it, B19), else, the first
+        time or if that port is taken now, to a free one."""
+        s = self.settings
+        if s.port:
+            return _bound_socket(s.host, s.port)
+        remembered = s.remembered_http_port(self.node_id)
+        if remembered is not None:
+            try:
+                return _bound_socket(s.host, remembered)
+            except OSError as exc:
+                log.warning(
+                    "http_port_taken",
+                    port=remembered,
+                    error=str(exc),
+                    detail="serving on a new port: results proposed before the restart "
+                    "cannot be fetched at their old URLs",
+                )
+        return _bound_socket(s.host, 0)
+
     async def _stop_http(self) -> None:
         if self._http is None or self._http_task is None:
             return
@@ -535,6 +557,17 @@ class ComputeService:
             await self._http_task
         self._http = None
         self._http_task = None
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _base_url(host: str, port: int) -> str:

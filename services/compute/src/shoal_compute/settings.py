@@ -151,6 +151,8 @@ class ComputeSettings(ServiceSettings):
     # --- HTTP content endpoint (results served to the publisher) ---
     # With ``port`` set, the host process (shoal serve, devstack) serves ``service.app`` there.
     # With port 0 the node serves it itself on a free port: a node always has its endpoint.
+    # It keeps that port in the state dir and binds it again after a restart (the results it
+    # proposed carry URLs with it: http_port_path).
     serve_http: bool | None = None  # None = auto (own server iff port == 0)
     public_url: str | None = None  # advertised base URL; default http://host:port
 
@@ -234,6 +236,30 @@ class ComputeSettings(ServiceSettings):
         node_id = f"compute-{uuid.uuid4().hex[:8]}"
         path.write_text(node_id)
         return node_id
+
+    def http_port_path(self, node_id: str) -> Path:
+        """Where a node that chose its own content port (``port`` 0) keeps it: results it
+        proposed before a restart carry URLs with that port, so it binds it again (B19).
+        Named after the node, like its database (nodes may share a state dir)."""
+        return self.state_dir / f"compute-{node_id}.http_port"
+
+    def remembered_http_port(self, node_id: str) -> int | None:
+        """The port this node chose before, if it kept a valid one."""
+        try:
+            port = int(self.http_port_path(node_id).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return port if 0 < port < 65536 else None
+
+    def remember_http_port(self, node_id: str, port: int) -> None:
+        """Keep the port this node chose (written whole: a crash leaves the old or the new)."""
+        if self.remembered_http_port(node_id) == port:
+            return
+        path = self.http_port_path(node_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(path)
 
     def resolved_gpu_ids(self) -> tuple[str, ...]:
         if self.gpu_ids:
