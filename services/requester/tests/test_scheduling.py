@@ -3,6 +3,7 @@ requester with a memory store, an in-memory bus and scripted compute nodes."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from datetime import timedelta
 
@@ -502,3 +503,47 @@ async def test_background_work_never_started_is_closed_not_left_unawaited() -> N
         while_closing = work()
         orchestrator._spawn(while_closing, "too-late")
         assert inspect.getcoroutinestate(while_closing) == inspect.CORO_CLOSED
+
+
+async def test_a_burst_that_fills_every_node_queues_the_job_instead_of_failing_it() -> None:
+    """B18: bids refused only because the node is full leave the job Queued, spend no retry,
+    and the job runs once a node has room."""
+    from shoal_common.protocol import AT_CAPACITY
+
+    async with harness() as h:
+        nodes = [await h.node(f"n{i}", bid="no", bid_reason=AT_CAPACITY) for i in range(2)]
+        job_id = await h.submit()
+        queued = await h.wait_state(job_id, JS.QUEUED)
+        assert AT_CAPACITY in queued.status
+        assert len(nodes[0].asked) == 1  # full until it reports again: not asked in a loop
+        nodes[0].bid = "yes"
+        await nodes[0].heartbeat()  # it has room again
+        job = await h.wait_state(job_id, timeout=5)
+        assert job.state is JS.COMPLETED, job.status
+        assert job.retries_used == 0
+
+
+async def test_an_acceptance_whose_answer_was_lost_is_sent_again_not_failed() -> None:
+    """B22: the node got the acceptance but its answer was lost (NATS restarting): the
+    requester asks again instead of failing an execution the node is running."""
+
+    class LostFirstAnswer(FakeComputeNode):
+        lost = 1
+
+        async def _bid_accepted(self, data: bytes) -> bytes:
+            reply = await super()._bid_accepted(data)  # the node has it, and starts
+            if self.lost:
+                self.lost -= 1
+                await asyncio.sleep(1.5)  # past the requester's rpc_timeout (1 s)
+            return reply
+
+    async with harness() as h:
+        node = LostFirstAnswer(h.bus, "n1", info=node_info("n1"), run_delay=2.5)
+        await node.start()
+        job_id = await h.submit()
+        job = await h.wait_state(job_id, timeout=10)
+        assert job.state is JS.COMPLETED, job.status
+        execs = await h.executions(job_id)
+        assert [e.state for e in execs] == [ES.COMPLETED], [(e.state, e.status) for e in execs]
+        assert job.retries_used == 0
+        await node.stop()

@@ -82,6 +82,9 @@ class RequesterSettings(ServiceSettings):
     bid_timeout: float = Field(5.0, gt=0)
     # Timeout of other node calls (bid decisions, cancel, logs).
     rpc_timeout: float = Field(5.0, gt=0)
+    # How long an undelivered bid acceptance is sent again (NATS restarting) before the
+    # execution is failed and placed elsewhere; a lost node is detected sooner by heartbeats.
+    acceptance_delivery_window: float = Field(30.0, gt=0)
     node_lost_after: float = Field(NODE_LOST_AFTER_S, gt=0)
     # Weight nodes by their record (results rejected by the verifier, failures) when ranking
     # them; off: every node that fits counts the same (to measure what reputation buys).

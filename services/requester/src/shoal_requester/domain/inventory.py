@@ -29,6 +29,7 @@ STOPPING = "stopping"
 PRESUMED = "presumed"
 
 _NO_RECORD = NodeStanding()
+_NOTHING_FREE = Capacity()
 _VOLATILE = frozenset({"available", "running", "queued", "local_cids"})
 
 
@@ -47,6 +48,8 @@ class TrackedNode:
     holds: int = 0
     signature: tuple[object, ...] = ()  # the non-volatile info, to persist only real changes
     persisted_mono: float = 0.0
+    # The node refused a bid for capacity: nothing free until its next heartbeat says otherwise.
+    full: bool = False
 
     @property
     def id(self) -> str:
@@ -60,6 +63,8 @@ class TrackedNode:
     def free(self) -> Capacity:
         # Field by field into one model (not three): this runs for every candidate of every
         # placement.
+        if self.full:
+            return _NOTHING_FREE
         a, p, f, total = self.info.available, self.pending, self.freed, self.info.total
         return Capacity(
             cpu=min(a.cpu - p.cpu + f.cpu, total.cpu),
@@ -189,6 +194,7 @@ class Inventory:
             self._schedulable = None
         node.epoch += 1
         node.pending, node.freed = Capacity(), Capacity()
+        node.full = False
         changed = signature != node.signature or node.state != was
         node.signature = signature
         after = node.free
@@ -277,6 +283,12 @@ class Inventory:
         self._holds[execution_id] = _Hold(node_id, need, node.epoch)
         node.pending = node.pending + need
         node.holds += 1
+
+    def mark_full(self, node_id: str) -> None:
+        """The node refused a bid for capacity: count it as full until it next reports."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.full = True
 
     def release(self, execution_id: str) -> bool:
         """Give an execution's capacity back; True if it held any."""

@@ -144,12 +144,16 @@ def _may_ask_again(e: ExecutionRecord) -> bool:
     return _unreached(e) or (e.state is ES.ASK_FOR_BID_REJECTED and e.status == AT_CAPACITY)
 
 
+def _only_full(answer: _Answer) -> bool:
+    return answer.kind == "no" and answer.reason == AT_CAPACITY
+
+
 def _is_retry_round(executions: Sequence[ExecutionRecord]) -> bool:
     """A round replaces something that failed or was refused (the first round is free, and an
     ask that never reached its node does not count)."""
     return any(
         e.state in (ES.FAILED, ES.ASK_FOR_BID_REJECTED, ES.BID_REJECTED, ES.CANCELLED)
-        and not _unreached(e)
+        and not _may_ask_again(e)
         for e in executions
     )
 
@@ -469,8 +473,9 @@ class Orchestrator:
         answers: list[_Answer] = []
         yes: list[_Answer] = []
         rounds = 0
+        spend = retry_round
         while True:
-            if rounds > 0 or retry_round:
+            if spend:
                 if retries >= settings.max_retries:
                     break
                 retries += 1
@@ -480,8 +485,14 @@ class Orchestrator:
             got = await self._ask(job, batch)
             answers += got
             yes += [a for a in got if a.kind == "yes"]
+            for a in got:
+                if _only_full(a):
+                    self._inventory.mark_full(a.node.id)
             if len(yes) >= want or not free:
                 break
+            # Asking others costs a retry, unless every refusal only said "full" or never
+            # reached its node: those are no verdict on the job (B16, B18).
+            spend = any(a.kind != "yes" and not _only_full(a) and a.kind != "error" for a in got)
 
         now = utcnow()
         min_met = len(yes) >= min_bids
@@ -534,7 +545,12 @@ class Orchestrator:
             # Nothing accepted: try again later, or stop if nothing can ever fit.
             job_now = job.evolve(retries_used=retries)
             unreached = any(a.kind == "error" for a in answers)
-            can_more = retries < settings.max_retries and (bool(busy) or bool(free) or unreached)
+            # A node that was only full is busy, not a verdict on the job: wait in Queued (B18:
+            # a burst that filled every node at once ended jobs in Error).
+            full = any(a.kind == "no" and a.reason == AT_CAPACITY for a in answers)
+            can_more = retries < settings.max_retries and (
+                bool(busy) or bool(free) or unreached or full
+            )
             if unreached:
                 asyncio.get_running_loop().call_later(_REDELIVER_ASKS_AFTER_S, self.capacity_freed)
             out = lifecycle.outcome(job_now, t_after, can_place_more=can_more)
@@ -810,13 +826,28 @@ class Orchestrator:
     async def _send(self, job: JobRecord, effects: _AfterCommit) -> None:
         async def accept(ex: ExecutionRecord) -> None:
             decision = BidDecision(execution_id=ex.id, job_id=job.id)
-            try:
-                ack = await self._compute.bid_accepted(ex.node_id, decision)
-            except NodeCallFailed as exc:
-                await self.fail_execution(ex.id, f"bid acceptance not delivered: {exc.detail}")
-                return
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + self._settings.acceptance_delivery_window
+            delay = PLACEMENT_RETRY_FIRST
+            while True:
+                try:
+                    ack = await self._compute.bid_accepted(ex.node_id, decision)
+                    break
+                except NodeCallFailed as exc:
+                    # Not delivered, or delivered with the answer lost (NATS restarting): ask
+                    # again (a node acknowledges a repeated acceptance) while the execution
+                    # still waits for it, rather than failing work the node may be doing (B22).
+                    if loop.time() + delay >= give_up_at or not self._awaits_node(ex):
+                        await self._fail_if_still_accepted(
+                            ex, f"bid acceptance not delivered: {exc.detail}"
+                        )
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PLACEMENT_RETRY_MAX)
             if not ack.ok:
-                await self.fail_execution(ex.id, f"node refused the accepted bid: {ack.error}")
+                await self._fail_if_still_accepted(
+                    ex, f"node refused the accepted bid: {ack.error}"
+                )
 
         async def reject(ex: ExecutionRecord, reason: str) -> None:
             with contextlib.suppress(NodeCallFailed):
@@ -944,6 +975,26 @@ class Orchestrator:
             event_id=event_id,
             job_id=event.job_id,
         )
+
+    def _awaits_node(self, ex: ExecutionRecord) -> bool:
+        """Whether ``ex`` is, as last committed here, still only accepted (no word from the
+        node since)."""
+        hit = self._working.get(ex.job_id)
+        if hit is None:
+            return False  # the job ended (or another process has it): nothing to wait for
+        current = next((e for e in hit[1] if e.id == ex.id), None)
+        return current is not None and current.state is ES.BID_ACCEPTED
+
+    async def _fail_if_still_accepted(self, ex: ExecutionRecord, reason: str) -> None:
+        """Fail an execution whose acceptance did not get through, unless it moved on: any
+        later state proves the node had it (B22: a result already accepted was failed)."""
+
+        def transition(current: ExecutionRecord) -> ExecutionUpdate | None:
+            if current.state is not ES.BID_ACCEPTED:
+                return None
+            return lifecycle.end_execution(current, ES.FAILED, reason, now=utcnow())
+
+        await self._update_execution(ex.id, transition, event_id=None, job_id=ex.job_id)
 
     async def fail_execution(
         self, execution_id: str, reason: str, *, retryable: bool = True
