@@ -30,6 +30,7 @@ from shoal_common import tracing
 from shoal_common.bus import Bus, NatsBus
 from shoal_common.events import Envelope
 from shoal_common.protocol import HEARTBEAT_INTERVAL_S, Heartbeat, LogChunk, NodeInfo
+from shoal_common.quiet_server import QuietServer
 from shoal_common.spec import Engine, StorageSourceType
 from shoal_common.subjects import compute_rpc, heartbeat, log_stream
 from shoal_compute import __version__
@@ -519,7 +520,7 @@ class ComputeService:
         if not s.port:
             s.remember_http_port(self.node_id, port)
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
-        self._http = uvicorn.Server(config)
+        self._http = QuietServer(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="http")
         while not self._http.started:
             if self._http_task.done():

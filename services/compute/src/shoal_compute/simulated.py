@@ -71,6 +71,7 @@ from shoal_common.protocol import (
     NodeInfo,
     job_resources,
 )
+from shoal_common.quiet_server import QuietServer
 from shoal_common.spec import (
     Deal,
     Engine,
@@ -464,7 +465,7 @@ class SimulatedFleet:
         sock.bind((self.config.host, 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self._http = uvicorn.Server(config)
+        self._http = QuietServer(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="sim-http")
         while not self._http.started:
             if self._http_task.done():
