@@ -499,6 +499,8 @@ class EventConsumer:
                 log.warning("event_handler_failed", consumer=self._durable, error=repr(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                # Handled again (in place of the server's redelivery after a nak).
+                telemetry.NATS_REDELIVERIES.labels(consumer=self._durable).inc()
                 continue
             break
         latest = self._active.pop(sseq, msg)
