@@ -688,6 +688,15 @@ def _hamt_shard(
     return link
 
 
+def _dir_names(path: str | Path, mode: int, hidden: bool) -> list[bytes]:
+    """A directory's entry names in byte order (kubo's), dot files left out unless ``hidden``."""
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"unsupported file type (not a file or directory): {path}")
+    with os.scandir(path) as entries:
+        names = sorted(os.fsencode(entry.name) for entry in entries)
+    return [n for n in names if hidden or not n.startswith(b".")]
+
+
 def _walk(
     path: Path, rel: str, leaf_bytes: bool, hidden: bool, threshold: int
 ) -> Generator[DagItem, None, _Link]:
@@ -696,15 +705,9 @@ def _walk(
         raise ValueError(f"refusing to follow symlink: {path}")
     if stat.S_ISREG(mode):
         return (yield from _walk_file(path, rel, leaf_bytes))
-    if not stat.S_ISDIR(mode):
-        raise ValueError(f"unsupported file type (not a file or directory): {path}")
-    with os.scandir(path) as entries:
-        names = sorted(os.fsencode(entry.name) for entry in entries)
     children: list[tuple[bytes, _Link]] = []
     size = 0
-    for name in names:
-        if not hidden and name.startswith(b"."):
-            continue
+    for name in _dir_names(path, mode, hidden):
         text = os.fsdecode(name)
         child = yield from _walk(
             path / text, f"{rel}/{text}" if rel else text, leaf_bytes, hidden, threshold
@@ -773,15 +776,9 @@ def _tree_link(path: str, hidden: bool, threshold: int, budget: list[int] | None
             with _open_regular(path) as handle:
                 dag.update(handle.readall())
         return dag.finish()
-    if not stat.S_ISDIR(mode):
-        raise ValueError(f"unsupported file type (not a file or directory): {path}")
-    with os.scandir(path) as entries:
-        names = sorted(os.fsencode(entry.name) for entry in entries)
     children: list[tuple[bytes, _Link]] = []
     size = 0
-    for name in names:
-        if not hidden and name.startswith(b"."):
-            continue
+    for name in _dir_names(path, mode, hidden):
         child = _tree_link(os.path.join(path, os.fsdecode(name)), hidden, threshold, budget)
         children.append((name, child))
         size += child.filesize
