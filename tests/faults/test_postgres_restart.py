@@ -55,7 +55,7 @@ def test_postgres_crash_mid_run_is_503_and_loses_nothing(
         postgres.start()
         # Placements that met the outage retry with backoff (B12): recovery takes seconds,
         # not the stuck-job sweep's 30 s (default settings here).
-        states = wait_all_terminal(client.state, job_ids, timeout=20)
+        states = wait_all_terminal(client.state, job_ids, timeout=25)
         recovered = time.monotonic() - crashed
         assert httpx.get(f"{cluster.api_url}/readyz", timeout=10).status_code == 200
         assert [s.state.value for s in states] == ["Completed"] * len(job_ids)
