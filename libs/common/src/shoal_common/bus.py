@@ -46,7 +46,9 @@ DEDUP_WINDOW_S = 120.0
 REDELIVERY_DELAY_S = 1.0
 MAX_RETRY_DELAY_S = 10.0
 # A message delivered and not acked within this is delivered again (after a consumer's crash).
-ACK_WAIT_S = 30.0
+# It bounds recovery after a consumer's crash (B20: 30 s before); a handler still running then
+# just sees its message again and acks the latest delivery. Existing consumers keep theirs.
+ACK_WAIT_S = 10.0
 MAX_ACK_PENDING = 20_000
 # Consumption (ADR 0013): one pull request stays open this long; while it waits idle the server
 # sends a heartbeat this often (3 missed: the request is renewed); acks are cumulative (AckAll)
