@@ -226,7 +226,10 @@ async def test_concurrent_changes_fail_alone(store: RequesterStore) -> None:
         return_exceptions=True,
     )
     assert isinstance(results[2], Conflict)
-    assert [r is None for r in results] == [False, False, False, False, False, False, True]
+    # The same event twice at once: one of the two applies it, the other finds it applied
+    # (on Postgres either may commit first).
+    assert sorted([results[0] is None, results[6] is None]) == [False, True]
+    assert [r is None for r in results[1:6]] == [False] * 5
     for j in jobs[1:]:
         assert (await store.get_job(j.id)).state is JobStateType.QUEUED
     assert (await store.get_job(jobs[0].id)).state is JobStateType.NEW
