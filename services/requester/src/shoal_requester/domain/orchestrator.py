@@ -133,6 +133,8 @@ _REDELIVER_ASKS_AFTER_S = 1.0
 # A placement that found the database unreachable is tried again after 0.5 s, 1 s, ... 5 s.
 PLACEMENT_RETRY_FIRST = 0.5
 PLACEMENT_RETRY_MAX = 5.0
+# A placement whose write failed with one of these recorded nothing.
+_NOT_RECORDED: tuple[type[Exception], ...] = (Conflict, *DATABASE_UNAVAILABLE)
 
 
 def _unreached(e: ExecutionRecord) -> bool:
@@ -573,13 +575,17 @@ class Orchestrator:
         self._plan_event(job, executions, after, changes)
         try:
             await self._apply(changes, job, executions)
-        except Conflict:
-            log.warning("placement_conflict", job_id=job.id)
+        except _NOT_RECORDED as exc:
+            # Nothing recorded: free what the asks reserved, here and on the nodes (a bid left
+            # open holds the node's capacity until its reservation times out, 30 s).
             effects = _AfterCommit(
                 reject=[(r, "placement abandoned") for r in new_records if r.accepted_ask_for_bid],
                 release=[a.execution_id for a in answers],
             )
             self._after_commit(job, effects)
+            if not isinstance(exc, Conflict):
+                raise  # the database is away: placement is tried again (B12)
+            log.warning("placement_conflict", job_id=job.id)
             return
         if accepted:
             took = asyncio.get_running_loop().time() - started
