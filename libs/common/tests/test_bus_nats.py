@@ -37,6 +37,16 @@ async def until(condition: Callable[[], bool], *, timeout: float = 10.0) -> None
     await wait_for(probe, timeout=timeout)
 
 
+async def acked_through(url: str, durable: str, seq: int, *, timeout: float = 5.0) -> None:
+    """Wait until the consumer's ack floor reaches ``seq`` with nothing left pending."""
+
+    async def acked() -> bool:
+        state = await consumer_state(url, durable)
+        return bool(state.num_ack_pending == 0 and state.ack_floor.stream_seq >= seq)
+
+    await wait_for(acked, timeout=timeout, interval=0.1)
+
+
 def event(n: int) -> Envelope:
     return Envelope.wrap(ExecutionCancelled(job_id=f"job-{n}", execution_id=f"e{n}", node_id="n"))
 
@@ -104,7 +114,7 @@ async def test_each_event_once_acks_batched_and_idle_is_silent(
         for env in sent:
             await producer.publish_event(env)
         await until(lambda: len(seen) >= 200, timeout=10)
-        await asyncio.sleep(bus_module.ACK_FLUSH_S + 0.3)
+        await acked_through(nats_server.url, "c1", 200)
         await tap.settle()
         assert sorted(seen) == sorted(e.id for e in sent)
         state = await consumer_state(nats_server.url, "c1")
@@ -189,7 +199,7 @@ async def test_failed_handler_is_retried_and_holds_the_ack_floor(
         assert state.ack_floor.stream_seq == 0
         assert state.num_ack_pending == 20
         await until(lambda: first.id in handled, timeout=10)
-        await asyncio.sleep(bus_module.ACK_FLUSH_S + 0.3)
+        await acked_through(nats_server.url, "c2", 20)
         state = await consumer_state(nats_server.url, "c2")
         assert state.num_ack_pending == 0
         assert state.ack_floor.stream_seq == 20
@@ -250,7 +260,7 @@ async def test_event_redelivered_after_consumer_died_before_storing_it(
         state = await consumer_state(nats_server.url, "c3")
         assert state.ack_floor.stream_seq < 1
         await until(lambda: e1.id in redelivered, timeout=15)
-        await asyncio.sleep(bus_module.ACK_FLUSH_S + 0.5)
+        await acked_through(nats_server.url, "c3", 3)
         state = await consumer_state(nats_server.url, "c3")
         assert state.num_ack_pending == 0
         assert state.ack_floor.stream_seq == 3
@@ -266,8 +276,10 @@ async def test_restarted_service_on_the_same_bus_takes_over(nats_server: NatsSer
     producer = await NatsBus.connect(nats_server.url, name="producer")
     consumer = await NatsBus.connect(nats_server.url, name="consumer")
     got: list[str] = []
+    refused: list[str] = []
 
-    async def stopped(_: Envelope) -> None:
+    async def stopped(env: Envelope) -> None:
+        refused.append(env.id)
         raise RuntimeError("service is stopping")
 
     async def running(env: Envelope) -> None:
@@ -277,7 +289,7 @@ async def test_restarted_service_on_the_same_bus_takes_over(nats_server: NatsSer
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c4", handler=stopped)
         env = event(1)
         await producer.publish_event(env)
-        await asyncio.sleep(0.3)
+        await until(lambda: env.id in refused, timeout=5)
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c4", handler=running)
         await until(lambda: env.id in got, timeout=5)
     finally:
@@ -338,7 +350,7 @@ async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c6", handler=handler)
         await producer.publish_event(event(1))
         await until(lambda: len(got) == 1, timeout=5)
-        await asyncio.sleep(bus_module.ACK_FLUSH_S + 0.3)
+        await acked_through(server.url, "c6", 1)
         server.kill()
         server = start_nats_server(tmp_path / "nats", port=port)
         env = event(2)
@@ -350,10 +362,7 @@ async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:
                 return False
             return True
 
-        deadline = asyncio.get_running_loop().time() + 15
-        while not await published():
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.3)
+        await wait_for(published, timeout=15, interval=0.3)
         # The pull request died with the server; the reconnect renews it at once.
         await until(lambda: env.id in got, timeout=5)
         assert got.count(got[0]) == 1
