@@ -9,6 +9,7 @@ later events were handled (an AckAll must never cover it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,6 +36,18 @@ async def until(condition: Callable[[], bool], *, timeout: float = 10.0) -> None
         return condition()
 
     await wait_for(probe, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def producer_and_consumer(url: str) -> AsyncIterator[tuple[NatsBus, NatsBus]]:
+    """Two clients of the server: one publishes events, the other consumes them."""
+    producer = await NatsBus.connect(url, name="producer")
+    consumer = await NatsBus.connect(url, name="consumer")
+    try:
+        yield producer, consumer
+    finally:
+        await consumer.close()  # acks what was handled on the way out
+        await producer.close()
 
 
 async def acked_through(url: str, durable: str, seq: int, *, timeout: float = 5.0) -> None:
@@ -101,14 +114,12 @@ async def consumer_state(url: str, durable: str) -> Any:
 async def test_each_event_once_acks_batched_and_idle_is_silent(
     nats_server: NatsServer, tap: Tap
 ) -> None:
-    producer = await NatsBus.connect(nats_server.url, name="producer")
-    consumer = await NatsBus.connect(nats_server.url, name="consumer")
-    seen: list[str] = []
+    async with producer_and_consumer(nats_server.url) as (producer, consumer):
+        seen: list[str] = []
 
-    async def handler(env: Envelope) -> None:
-        seen.append(env.id)
+        async def handler(env: Envelope) -> None:
+            seen.append(env.id)
 
-    try:
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c1", handler=handler)
         sent = [event(n) for n in range(200)]
         for env in sent:
@@ -131,9 +142,6 @@ async def test_each_event_once_acks_batched_and_idle_is_silent(
         await asyncio.sleep(3)
         await tap.settle()
         assert tap.counts - before == Counter(), (tap.counts - before, tap.subjects[-5:])
-    finally:
-        await consumer.close()
-        await producer.close()
 
 
 async def test_acks_go_at_once_after_many_handled(
@@ -141,14 +149,12 @@ async def test_acks_go_at_once_after_many_handled(
 ) -> None:
     monkeypatch.setattr(bus_module, "ACK_FLUSH_S", 60.0)  # only the count triggers an ack
     monkeypatch.setattr(bus_module, "ACK_FLUSH_COUNT", 10)
-    producer = await NatsBus.connect(nats_server.url, name="producer")
-    consumer = await NatsBus.connect(nats_server.url, name="consumer")
-    seen: list[str] = []
+    async with producer_and_consumer(nats_server.url) as (producer, consumer):
+        seen: list[str] = []
 
-    async def handler(env: Envelope) -> None:
-        seen.append(env.id)
+        async def handler(env: Envelope) -> None:
+            seen.append(env.id)
 
-    try:
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c7", handler=handler)
         for n in range(95):
             await producer.publish_event(event(n))
@@ -161,9 +167,6 @@ async def test_acks_go_at_once_after_many_handled(
         await wait_for(mostly_acked, timeout=5)
         state = await consumer_state(nats_server.url, "c7")
         assert state.num_ack_pending == 95 - state.ack_floor.stream_seq
-    finally:
-        await consumer.close()  # acks the rest on the way out
-        await producer.close()
     state = await consumer_state(nats_server.url, "c7")
     assert state.num_ack_pending == 0
 
@@ -172,21 +175,19 @@ async def test_failed_handler_is_retried_and_holds_the_ack_floor(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bus_module, "REDELIVERY_DELAY_S", 1.5)
-    producer = await NatsBus.connect(nats_server.url, name="producer")
-    consumer = await NatsBus.connect(nats_server.url, name="consumer")
-    attempts: Counter[str] = Counter()
-    handled: set[str] = set()
-    first, poison = event(0), event(5)
+    async with producer_and_consumer(nats_server.url) as (producer, consumer):
+        attempts: Counter[str] = Counter()
+        handled: set[str] = set()
+        first, poison = event(0), event(5)
 
-    async def handler(env: Envelope) -> None:
-        attempts[env.id] += 1
-        if env.id == first.id and attempts[env.id] < 3:
-            raise RuntimeError("database busy")
-        if env.id == poison.id:
-            raise Poison("cannot be read")
-        handled.add(env.id)
+        async def handler(env: Envelope) -> None:
+            attempts[env.id] += 1
+            if env.id == first.id and attempts[env.id] < 3:
+                raise RuntimeError("database busy")
+            if env.id == poison.id:
+                raise Poison("cannot be read")
+            handled.add(env.id)
 
-    try:
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c2", handler=handler)
         others = [event(n) for n in range(1, 20) if n != 5]
         for env in [first, *others[:4], poison, *others[4:]]:
@@ -206,9 +207,6 @@ async def test_failed_handler_is_retried_and_holds_the_ack_floor(
         assert attempts[first.id] == 3
         assert attempts[poison.id] == 1
         assert all(attempts[e.id] == 1 for e in others)
-    finally:
-        await consumer.close()
-        await producer.close()
 
 
 async def test_event_redelivered_after_consumer_died_before_storing_it(
@@ -273,28 +271,23 @@ async def test_event_redelivered_after_consumer_died_before_storing_it(
 
 async def test_restarted_service_on_the_same_bus_takes_over(nats_server: NatsServer) -> None:
     """stop()/start() of a service on a shared bus: the new handler gets what the old refused."""
-    producer = await NatsBus.connect(nats_server.url, name="producer")
-    consumer = await NatsBus.connect(nats_server.url, name="consumer")
-    got: list[str] = []
-    refused: list[str] = []
+    async with producer_and_consumer(nats_server.url) as (producer, consumer):
+        got: list[str] = []
+        refused: list[str] = []
 
-    async def stopped(env: Envelope) -> None:
-        refused.append(env.id)
-        raise RuntimeError("service is stopping")
+        async def stopped(env: Envelope) -> None:
+            refused.append(env.id)
+            raise RuntimeError("service is stopping")
 
-    async def running(env: Envelope) -> None:
-        got.append(env.id)
+        async def running(env: Envelope) -> None:
+            got.append(env.id)
 
-    try:
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c4", handler=stopped)
         env = event(1)
         await producer.publish_event(env)
         await until(lambda: env.id in refused, timeout=5)
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c4", handler=running)
         await until(lambda: env.id in got, timeout=5)
-    finally:
-        await consumer.close()
-        await producer.close()
 
 
 async def test_explicit_ack_consumer_is_converted_after_its_ack_floor(
@@ -339,14 +332,12 @@ async def test_explicit_ack_consumer_is_converted_after_its_ack_floor(
 async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:
     server = start_nats_server(tmp_path / "nats")
     port = server.port
-    producer = await NatsBus.connect(server.url, name="producer")
-    consumer = await NatsBus.connect(server.url, name="consumer")
-    got: list[str] = []
+    async with producer_and_consumer(server.url) as (producer, consumer):
+        got: list[str] = []
 
-    async def handler(env: Envelope) -> None:
-        got.append(env.id)
+        async def handler(env: Envelope) -> None:
+            got.append(env.id)
 
-    try:
         await consumer.consume_events(producer=Producer.COMPUTE, durable="c6", handler=handler)
         await producer.publish_event(event(1))
         await until(lambda: len(got) == 1, timeout=5)
@@ -366,7 +357,4 @@ async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:
         # The pull request died with the server; the reconnect renews it at once.
         await until(lambda: env.id in got, timeout=5)
         assert got.count(got[0]) == 1
-    finally:
-        await consumer.close()
-        await producer.close()
         server.stop()
