@@ -332,29 +332,31 @@ async def test_explicit_ack_consumer_is_converted_after_its_ack_floor(
 async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:
     server = start_nats_server(tmp_path / "nats")
     port = server.port
-    async with producer_and_consumer(server.url) as (producer, consumer):
-        got: list[str] = []
+    try:
+        async with producer_and_consumer(server.url) as (producer, consumer):
+            got: list[str] = []
 
-        async def handler(env: Envelope) -> None:
-            got.append(env.id)
+            async def handler(env: Envelope) -> None:
+                got.append(env.id)
 
-        await consumer.consume_events(producer=Producer.COMPUTE, durable="c6", handler=handler)
-        await producer.publish_event(event(1))
-        await until(lambda: len(got) == 1, timeout=5)
-        await acked_through(server.url, "c6", 1)
-        server.kill()
-        server = start_nats_server(tmp_path / "nats", port=port)
-        env = event(2)
+            await consumer.consume_events(producer=Producer.COMPUTE, durable="c6", handler=handler)
+            await producer.publish_event(event(1))
+            await until(lambda: len(got) == 1, timeout=5)
+            await acked_through(server.url, "c6", 1)
+            server.kill()
+            server = start_nats_server(tmp_path / "nats", port=port)
+            env = event(2)
 
-        async def published() -> bool:
-            try:
-                await producer.publish_event(env)
-            except Exception:
-                return False
-            return True
+            async def published() -> bool:
+                try:
+                    await producer.publish_event(env)
+                except Exception:
+                    return False
+                return True
 
-        await wait_for(published, timeout=15, interval=0.3)
-        # The pull request died with the server; the reconnect renews it at once.
-        await until(lambda: env.id in got, timeout=5)
-        assert got.count(got[0]) == 1
+            await wait_for(published, timeout=15, interval=0.3)
+            # The pull request died with the server; the reconnect renews it at once.
+            await until(lambda: env.id in got, timeout=5)
+            assert got.count(got[0]) == 1
+    finally:
         server.stop()
