@@ -36,7 +36,11 @@ from shoal_compute.executors.docker import (
     LABEL_NODE_HOME,
     DockerExecutor,
     _Demuxer,
+    _OnePoolUnixAdapter,
     go_arch,
+)
+from shoal_compute.executors.docker import (
+    docker_client as make_docker_client,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -634,6 +638,26 @@ async def test_unavailable_daemon_is_reported_not_raised(tmp_path: Path) -> None
         await ex.close()
 
 
+def test_docker_requests_share_one_connection_pool() -> None:
+    adapter = _OnePoolUnixAdapter("http+unix:///nonexistent/docker.sock", 60, max_pool_size=4)
+    start = adapter.get_connection("http+docker://localhost/v1.45/containers/a/start")
+    wait = adapter.get_connection("http+docker://localhost/v1.45/containers/b/wait")
+    assert start is wait
+    assert start.pool.maxsize == 4
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_default_client_uses_one_pool(docker_client: Any) -> None:
+    client = make_docker_client(max_pool_size=3)
+    try:
+        assert isinstance(client.api.get_adapter("http+docker://localhost"), _OnePoolUnixAdapter)
+        assert client.ping()
+        assert client.api.version()["ApiVersion"]
+    finally:
+        client.close()
+
+
 def test_demuxer_splits_and_joins_frames() -> None:
     def frame(stream: int, payload: bytes) -> bytes:
         return bytes([stream, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
@@ -707,8 +731,10 @@ async def test_remove_leftovers_of_a_previous_process(
 @pytest.mark.docker
 @pytest.mark.integration
 async def test_many_runs_at_once(executor: DockerExecutor, tmp_path: Path) -> None:
+    # More containers than docker-py's 25 per-URL pools: its default client closed pools other
+    # threads were using ("'NoneType' object has no attribute 'qsize'").
     requests = []
-    for i in range(24):
+    for i in range(40):
         (tmp_path / str(i)).mkdir()
         requests.append(_request(tmp_path / str(i), _sh(f"echo job {i}; exit {i % 3}")))
     results = await asyncio.gather(*(executor.run(r) for r in requests))

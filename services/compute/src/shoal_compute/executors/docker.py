@@ -32,6 +32,7 @@ from typing import IO, Any, TypeVar
 import docker
 import docker.errors
 import structlog
+from docker.transport import UnixHTTPAdapter
 from docker.types import DeviceRequest, HostConfig, LogConfig
 from docker.types import Mount as DockerMount
 from docker.utils.socket import read as blocking_socket_read
@@ -115,6 +116,33 @@ class _RunnerError(Exception):
     """The sandbox could not run the job; the message is the RunResult's runner_error."""
 
 
+class _OnePoolUnixAdapter(UnixHTTPAdapter):  # type: ignore[misc]
+    """docker-py's Unix-socket adapter with one connection pool instead of one per request URL.
+
+    docker-py keys its pools by the full URL (``.../containers/<id>/start``) and keeps 25, closing
+    the least recently used; with many containers at once it closes pools that other threads are
+    still using, and a request fails with ``'NoneType' object has no attribute 'qsize'``. Every
+    request goes to the same socket, so one pool, sized to the executor's threads, is right.
+    """
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection("http+docker://localhost", proxies)
+
+
+def docker_client(max_pool_size: int) -> Any:
+    """A ``docker.DockerClient`` from the environment whose Unix-socket requests share one pool."""
+    client = docker.from_env(max_pool_size=max_pool_size)
+    adapter = client.api.get_adapter("http+docker://localhost")
+    if isinstance(adapter, UnixHTTPAdapter):
+        one_pool = _OnePoolUnixAdapter(
+            "http+unix://" + adapter.socket_path, adapter.timeout, max_pool_size=max_pool_size
+        )
+        client.api.mount("http+docker://", one_pool)
+        client.api._custom_adapter = one_pool
+        adapter.close()
+    return client
+
+
 class DockerExecutor:
     """Runs Docker jobs on the local Docker Engine.
 
@@ -123,8 +151,8 @@ class DockerExecutor:
         allow_networking: whether this node runs jobs that ask for networking at all.
         gpus: the GPU ids this node declares (nvidia-smi indexes or UUIDs); executions get a
             subset in ``Limits.gpu_ids``.
-        client_factory: makes the ``docker.DockerClient`` (default ``docker.from_env``); called
-            once, lazily, on a worker thread.
+        client_factory: makes the ``docker.DockerClient`` (default :func:`docker_client`);
+            called once, lazily, on a worker thread.
         node_id: labels containers so a restarted node can find its own leftovers.
         node_home: a digest of the node's state directory, labelled alongside ``node_id``.
         cap_add: capabilities kept after dropping all of them.
@@ -139,7 +167,7 @@ class DockerExecutor:
         node_arch: str,
         allow_networking: bool = False,
         gpus: Sequence[str] = (),
-        client_factory: Callable[[], Any] = docker.from_env,
+        client_factory: Callable[[], Any] | None = None,
         *,
         node_id: str = "",
         node_home: str = "",
@@ -157,7 +185,8 @@ class DockerExecutor:
         self.node_id = node_id
         self.node_home = node_home
         self.instance_id = uuid.uuid4().hex[:16]
-        self._client_factory = client_factory
+        # One more connection than threads: the pool is never full, so no connection is dropped.
+        self._client_factory = client_factory or partial(docker_client, max_threads + 1)
         self._cap_add = list(cap_add)
         self._image_cache_ttl = image_cache_ttl
         self._image_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
