@@ -42,7 +42,7 @@ from shoal_cli.processes import (
     service_classes,
 )
 from shoal_common.bus import NatsBus
-from shoal_common.natsserver import NatsServer, free_port, start_nats_server
+from shoal_common.natsserver import NatsServer, free_port, port_is_free, start_nats_server
 
 log = structlog.get_logger(__name__)
 
@@ -145,7 +145,7 @@ class Devstack:
 
     def _port(self, name: str, saved: dict[str, int], wanted: int | None = None) -> int:
         port = wanted or saved.get(name) or free_port()
-        if not _port_free(port):
+        if not port_is_free(port):
             port = free_port() if not wanted else port
         self.ports[name] = port
         return port
@@ -413,17 +413,6 @@ class SimulatorProcess(ChildProcess):
         if line.strip() != b"ready":
             await self.stop()
             raise RuntimeError(f"the simulated nodes did not start; see {self.log_file}")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def node_arch() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,36 @@ def nats_server_binary() -> str:
     return found
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a listener could bind ``port`` on the loopback address now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port that is free now, picked below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is an ephemeral one, so any outgoing connection
+    may take it between this call and the listener's bind ("address already in use" in parallel
+    tests); ports below that range are only ever taken by listeners.
+    """
+    low = 20000
+    high = _ephemeral_low() - 1
+    for _ in range(50):
+        port = random.randint(low, high) if high > low else 0
+        if port and port_is_free(port):
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

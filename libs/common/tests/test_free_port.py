@@ -1,0 +1,21 @@
+"""Ports for devstacks and tests: free, and outside the range outgoing connections draw from."""
+
+from __future__ import annotations
+
+import socket
+
+from shoal_common.natsserver import _ephemeral_low, free_port, port_is_free
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable() -> None:
+    for _ in range(20):
+        port = free_port()
+        assert 1024 < port < _ephemeral_low()
+        assert port_is_free(port)
+
+
+def test_a_listening_port_is_not_free() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", free_port()))
+        listener.listen()
+        assert not port_is_free(listener.getsockname()[1])
