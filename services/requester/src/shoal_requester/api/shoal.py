@@ -118,8 +118,8 @@ async def event_stream(
                         return
             yield b": connected\n\n"
             while True:
-                row = await sub.next(KEEPALIVE_S)
-                if row is None:
+                rows = await sub.next_batch(KEEPALIVE_S)
+                if not rows:
                     if sub.overflowed:
                         yield b"event: overflow\ndata: {}\n\n"
                         return
@@ -127,11 +127,21 @@ async def event_stream(
                         return
                     yield b": keepalive\n\n"
                     continue
-                if row.seq <= last:
-                    continue
-                last = row.seq
-                yield _sse(row)
-                if resolved is not None and _ends_job(row):
+                # Every row that is ready goes out in one chunk: one write (and one pass
+                # through the middleware) instead of one per row.
+                chunk = []
+                ended = False
+                for row in rows:
+                    if row.seq <= last:
+                        continue
+                    last = row.seq
+                    chunk.append(_sse(row))
+                    if resolved is not None and _ends_job(row):
+                        ended = True
+                        break
+                if chunk:
+                    yield b"".join(chunk)
+                if ended:
                     return
 
     return StreamingResponse(

@@ -4,54 +4,60 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 from shoal_requester.domain.model import HistoryRecord
 
 
-@dataclass(eq=False)
 class Subscription:
     """Rows for one job (or all jobs when ``job_id`` is None), in commit order.
 
     A subscriber that falls ``max_queued`` rows behind is cut off (``overflowed``) rather than
     letting it hold memory or slow the writers; it can reconnect and catch up from the store.
+    Rows wait in a deque behind one wake-up event: a reader that is behind takes every queued
+    row at once (one chunk on the wire), and a reader that is waiting costs no extra tasks.
     """
 
-    job_id: str | None
-    max_queued: int
-    queue: asyncio.Queue[HistoryRecord] = field(default_factory=asyncio.Queue)
-    overflowed: bool = False
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    def __init__(self, job_id: str | None, max_queued: int) -> None:
+        self.job_id = job_id
+        self.max_queued = max_queued
+        self.overflowed = False
+        self.closed = asyncio.Event()
+        self._rows: deque[HistoryRecord] = deque()
+        self._wake = asyncio.Event()
 
     def offer(self, row: HistoryRecord) -> None:
         if self.overflowed:
             return
-        if self.queue.qsize() >= self.max_queued:
+        if len(self._rows) >= self.max_queued:
             self.overflowed = True
-            self.closed.set()
+            self.close()
             return
-        self.queue.put_nowait(row)
+        self._rows.append(row)
+        self._wake.set()
 
-    async def next(self, timeout: float) -> HistoryRecord | None:
-        """The next row, or None after ``timeout`` seconds (or when cut off)."""
+    def close(self) -> None:
+        self.closed.set()
+        self._wake.set()
+
+    async def next_batch(self, timeout: float) -> list[HistoryRecord]:
+        """Every queued row (at least one), or none after ``timeout`` seconds or once closed.
+
+        A closed subscription still hands out the rows queued before it closed, unless it was
+        cut off for falling behind (its reader must catch up from the store anyway)."""
         if self.overflowed:
-            return None
-        getter = asyncio.ensure_future(self.queue.get())
-        closer = asyncio.ensure_future(self.closed.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {getter, closer}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for task in (getter, closer):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        if getter in done and not getter.cancelled():
-            return getter.result()
-        return None
+            return []
+        if not self._rows and not self.closed.is_set():
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+        if self.overflowed:
+            return []
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
 
 
 class HistoryHub:
@@ -83,7 +89,7 @@ class HistoryHub:
     def close_all(self) -> None:
         for subs in self._by_job.values():
             for sub in subs:
-                sub.closed.set()
+                sub.close()
 
     @property
     def subscribers(self) -> int:
