@@ -235,6 +235,51 @@ async def test_concurrent_changes_fail_alone(store: RequesterStore) -> None:
     assert (await store.get_job(jobs[0].id)).state is JobStateType.NEW
 
 
+async def test_history_rows_returned_carry_their_stored_seq(store: RequesterStore) -> None:
+    """Transitions committed together (SQLite writes their history rows in one insert at the
+    end of the group) each get back exactly the rows, with the seqs, that were stored; also
+    when one of the group fails and the rest are redone one by one."""
+    for fail_one in (False, True):
+        jobs = [(await store.create_job(make_job()))[0] for _ in range(8)]
+        now = utcnow()
+        changes = []
+        for i, j in enumerate(jobs):
+            execution = make_execution(j, f"node-{i}", state=ES.BID_ACCEPTED)
+            steps = [(ES.ASK_FOR_BID, "asked"), (ES.ASK_FOR_BID_ACCEPTED, "got")]
+            steps.append((ES.BID_ACCEPTED, "accepted"))
+            before = j.evolve(version=99) if fail_one and i == 3 else j
+            changes.append(
+                Changes(
+                    jobs=[job_transition(before, JobStateType.IN_PROGRESS, now=now)],
+                    executions=[new_execution_update(execution, steps)],
+                )
+            )
+        results = await asyncio.gather(*(store.apply(c) for c in changes), return_exceptions=True)
+        for i, (j, rows) in enumerate(zip(jobs, results, strict=True)):
+            if fail_one and i == 3:
+                assert isinstance(rows, Conflict)
+                assert [h.new for h in await store.list_history(j.id)] == ["New"]
+                continue
+            assert isinstance(rows, list)
+            stored = (await store.list_history(j.id))[1:]  # after "job created"
+            assert rows == stored
+            expected = ["AskForBid", "AskForBidAccepted", "BidAccepted", "InProgress"]
+            assert [h.new for h in rows] == expected
+
+
+async def test_job_update_keeps_or_rewrites_the_wire_job(store: RequesterStore) -> None:
+    job, _ = await store.create_job(make_job())
+    queued = job_transition(job, JobStateType.QUEUED, now=utcnow())
+    await store.apply(Changes(jobs=[queued]))
+    assert dict((await store.get_job(job.id)).job) == dict(job.job)
+    wire = {**dict(job.job), "Spec": {**dict(job.job)["Spec"], "Annotations": ["changed"]}}
+    rewritten = job_transition(queued.after, JobStateType.QUEUED, now=utcnow(), job=wire)
+    await store.apply(Changes(jobs=[rewritten]))
+    stored = await store.get_job(job.id)
+    assert dict(stored.job) == wire
+    assert stored.version == 3
+
+
 async def test_processed_event_applies_once(store: RequesterStore) -> None:
     job, _ = await store.create_job(make_job())
     change = Changes(

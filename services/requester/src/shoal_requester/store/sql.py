@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import operator
 import sqlite3
 import time
@@ -255,6 +254,8 @@ class _Written:
 
 
 _Op = Callable[[Connection], _Written]
+# ``Connection.info`` key: history rows waiting for the group's insert (SQLite writer only).
+_HISTORY_QUEUE = "shoal_history_queue"
 
 
 # Hot-path statements are built once: constructing a SQLAlchemy statement and its cache key
@@ -296,6 +297,7 @@ _INSERT_JOB = insert(jobs)
 _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
+_INSERT_HISTORY = insert(history)
 _INSERT_HISTORY_ONE = insert(history).returning(history.c.seq)
 _INSERT_HISTORY_MANY = insert(history).returning(history.c.seq, sort_by_parameter_order=True)
 _MARK_PROCESSED = {
@@ -311,6 +313,18 @@ _UPDATE_JOB = (
         jobs.c.version == bindparam("b_version"),
     )
     .values({jobs.c[f]: bindparam(f) for f in _JOB_FIELDS})
+)
+# The same without the job's wire JSON, for the usual update that leaves it as it was: no JSON
+# dump per transition, and no rewriting kilobytes of text that did not change.
+_JOB_STATE_FIELDS = tuple(f for f in _JOB_FIELDS if f != "job")
+_UPDATE_JOB_STATE = (
+    update(jobs)
+    .where(
+        jobs.c.id == bindparam("b_id"),
+        jobs.c.state == bindparam("b_state"),
+        jobs.c.version == bindparam("b_version"),
+    )
+    .values({jobs.c[f]: bindparam(f) for f in _JOB_STATE_FIELDS})
 )
 _UPDATE_EXECUTION = (
     update(executions)
@@ -370,6 +384,13 @@ def _sqlite_statement(stmt: Any, keys: tuple[str, ...]) -> _SqliteStatement:
     return cached
 
 
+# The stored text of recent datetimes: one transition binds the same ``now`` several times
+# (updated, created, every history row's time), and a group commit holds many transitions.
+# Equal datetimes (the same instant, in any zone) have the same text.
+_DATETIME_TEXT: dict[datetime, str] = {}
+_DATETIME_TEXT_MAX = 1024
+
+
 def _sqlite_params(statement: _SqliteStatement, row: Mapping[str, Any]) -> Sequence[Any]:
     values = statement.get(row)
     if not statement.datetimes:
@@ -378,7 +399,12 @@ def _sqlite_params(statement: _SqliteStatement, row: Mapping[str, Any]) -> Seque
     for i in statement.datetimes:
         value = out[i]
         if value is not None:
-            out[i] = _sqlite_datetime(value)
+            text = _DATETIME_TEXT.get(value)
+            if text is None:
+                if len(_DATETIME_TEXT) >= _DATETIME_TEXT_MAX:
+                    _DATETIME_TEXT.clear()
+                text = _DATETIME_TEXT[value] = _sqlite_datetime(value)
+            out[i] = text
     return out
 
 
@@ -462,8 +488,61 @@ def _create_job(conn: Connection, job: JobRecord, first: HistoryRecord) -> _Writ
     tags = sorted(set(job.annotations))
     if tags:
         _run(conn, _INSERT_TAGS, [{"job_id": job.id, "tag": t} for t in tags])
-    _, [seq] = _run(conn, _INSERT_HISTORY_ONE, _history_row(first), returning=True)
-    return _Written((job, True), rows=[dataclasses.replace(first, seq=seq)])
+    return _Written((job, True), rows=_insert_history(conn, [first]))
+
+
+def _with_seq(h: HistoryRecord, seq: int) -> HistoryRecord:
+    # dataclasses.replace costs several times this (it inspects the fields on every call).
+    return HistoryRecord(
+        job_id=h.job_id,
+        type=h.type,
+        new=h.new,
+        version=h.version,
+        time=h.time,
+        previous=h.previous,
+        comment=h.comment,
+        execution_id=h.execution_id,
+        node_id=h.node_id,
+        seq=seq,
+    )
+
+
+def _insert_history(conn: Connection, rows: list[HistoryRecord]) -> list[HistoryRecord]:
+    """Insert history rows; the returned list holds them with their ``seq``.
+
+    Inside a SQLite group commit (``_HISTORY_QUEUE`` set) the rows wait for the group's single
+    insert (:func:`_flush_history`), which fills the returned list in before the commit.
+    """
+    queue: list[list[HistoryRecord]] | None = conn.info.get(_HISTORY_QUEUE)
+    if queue is not None:
+        waiting = list(rows)
+        queue.append(waiting)
+        return waiting
+    statement = _INSERT_HISTORY_ONE if len(rows) == 1 else _INSERT_HISTORY_MANY
+    _, seqs = _run(conn, statement, [_history_row(h) for h in rows], returning=True)
+    return [_with_seq(h, s) for h, s in zip(rows, seqs, strict=True)]
+
+
+def _flush_history(conn: Connection, queue: list[list[HistoryRecord]]) -> None:
+    """Insert the history rows a SQLite group's changes queued, as one ``executemany``.
+
+    Their ``seq`` values are consecutive and end at ``last_insert_rowid()``: SQLite gives a row
+    inserted without a rowid the largest rowid in the table plus one, and this connection holds
+    the write lock for the whole transaction, so nothing else inserts in between.
+    """
+    rows = [h for group in queue for h in group]
+    if not rows:
+        return
+    _run(conn, _INSERT_HISTORY, [_history_row(h) for h in rows])
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        (last,) = cursor.execute("SELECT last_insert_rowid()").fetchone()
+    finally:
+        cursor.close()
+    seq = last - len(rows) + 1
+    for group in queue:
+        group[:] = [_with_seq(h, s) for s, h in enumerate(group, start=seq)]
+        seq += len(group)
 
 
 def _mark_processed(conn: Connection, event_id: str) -> bool:
@@ -491,10 +570,25 @@ def _apply(conn: Connection, changes: Changes) -> _Written:
     if changes.processed_event is not None and not _mark_processed(conn, changes.processed_event):
         return _Written(None)
     for ju in changes.jobs:
-        row = _job_row(ju.after)
-        params = {f: row[f] for f in _JOB_FIELDS}
-        params.update(b_id=ju.before.id, b_state=ju.before.state.value, b_version=ju.before.version)
-        if _run(conn, _UPDATE_JOB, params)[0] != 1:
+        after = ju.after
+        params = {
+            "state": after.state.value,
+            "version": after.version,
+            "updated": after.updated,
+            "timeout_at": after.timeout_at,
+            "queue_deadline": after.queue_deadline,
+            "retries_used": after.retries_used,
+            "extra_executions": after.extra_executions,
+            "status": after.status,
+            "b_id": ju.before.id,
+            "b_state": ju.before.state.value,
+            "b_version": ju.before.version,
+        }
+        statement = _UPDATE_JOB_STATE
+        if after.job is not ju.before.job and after.job != ju.before.job:
+            params["job"] = _dumps(dict(after.job))
+            statement = _UPDATE_JOB
+        if _run(conn, statement, params)[0] != 1:
             raise Conflict(f"job {ju.before.id} changed since it was read")
     inserts = [_execution_row(eu.after) for eu in changes.executions if eu.before is None]
     if inserts:
@@ -508,9 +602,7 @@ def _apply(conn: Connection, changes: Changes) -> _Written:
         if _run(conn, _UPDATE_EXECUTION, params)[0] != 1:
             raise Conflict(f"execution {eu.before.id} changed since it was read")
     if rows:
-        statement = _INSERT_HISTORY_ONE if len(rows) == 1 else _INSERT_HISTORY_MANY
-        _, seqs = _run(conn, statement, [_history_row(h) for h in rows], returning=True)
-        rows = [dataclasses.replace(h, seq=s) for h, s in zip(rows, seqs, strict=True)]
+        rows = _insert_history(conn, rows)
     standing = standing_changes(changes)
     if standing:
         _run(
@@ -608,6 +700,18 @@ def _sqlite_engine(url: str) -> Engine:
         cur.close()
 
     return engine
+
+
+def _run_group(conn: Connection, ops: list[_Op]) -> list[_Written | BaseException]:
+    """Run ``ops`` in the open transaction; their history rows go in at the end, together."""
+    queue: list[list[HistoryRecord]] = []
+    conn.info[_HISTORY_QUEUE] = queue
+    try:
+        written: list[_Written | BaseException] = [op(conn) for op in ops]
+        _flush_history(conn, queue)
+    finally:
+        del conn.info[_HISTORY_QUEUE]
+    return written
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -742,7 +846,7 @@ class SqlRequesterStore:
         conn = self._writer_conn
         try:
             with conn.begin():
-                return [op(conn) for op in ops]
+                return _run_group(conn, ops)
         except Exception as exc:
             if len(ops) == 1:
                 return [exc]
@@ -750,7 +854,7 @@ class SqlRequesterStore:
         for op in ops:
             try:
                 with conn.begin():
-                    outcomes.append(op(conn))
+                    outcomes.extend(_run_group(conn, [op]))
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
