@@ -29,6 +29,7 @@ from shoal_common.spec import (
     VerifierType,
 )
 from shoal_common.testing import wait_for
+from shoal_verifier.domain.models import ProposalStatus
 from shoal_verifier.service import VerifierService
 from shoal_verifier.settings import VerifierSettings
 from shoal_verifier.store.memory import MemoryVerifierStore
@@ -193,6 +194,30 @@ async def test_noop_accepts_each_proposal_at_once(h: Harness) -> None:
 async def test_noop_without_a_plan_accepts_too(h: Harness) -> None:
     await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
     assert _accepted(await h.wait_decided(1)) == {"e1"}
+
+
+async def test_first_proposal_of_an_unknown_job_is_stored_with_its_verdict(h: Harness) -> None:
+    await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
+    await h.wait_decided(1)
+    (stored,) = await h.service.store.list_proposals(h.job_id)
+    assert stored.status is ProposalStatus.ACCEPTED
+    assert stored.reason == "accepted by the noop verifier"
+    job = await h.service.store.find_job(h.job_id)
+    assert job is not None
+    assert job.round_started is not None
+
+    # A deterministic job's first proposal waits for its peers: stored pending.
+    h.job_id = "job-2"
+    await h.propose("e2", GOOD, concurrency=3)
+    await h.settle()
+    (waiting,) = await h.service.store.list_proposals("job-2")
+    assert waiting.status is ProposalStatus.PENDING
+    assert waiting.result_cid == GOOD
+    await h.propose("e3", GOOD, concurrency=3)
+    await h.propose("e4", GOOD, concurrency=3)
+    assert _accepted(await h.wait_decided(4)) == {"e1", "e2", "e3", "e4"}
+    stored_later = await h.service.store.list_proposals("job-2")
+    assert {p.status for p in stored_later} == {ProposalStatus.ACCEPTED}
 
 
 async def test_noop_opens_a_sealed_proposal(h: Harness) -> None:

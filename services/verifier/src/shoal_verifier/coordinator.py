@@ -105,6 +105,14 @@ class Coordinator:
                 job.base = max(job.base, evt.deal.concurrency or 1)
                 job.confidence = max(job.confidence, evt.deal.confidence or 0)
             proposal = self._reveal(evt, event_id, now)
+            if is_new:
+                # A job and its first proposal are written in one transaction, so a job with no
+                # record has no proposals yet: nothing to read, and the proposal is written
+                # once, with its verdict.
+                job.round_started = now
+                outcome = await self._decide(tx, job, is_new=True, final=False, first=proposal)
+                self._after_commit(outcome)
+                return
             existing = await tx.find_proposal(evt.execution_id)
             if existing is None:
                 await tx.insert_proposal(proposal)
@@ -199,9 +207,16 @@ class Coordinator:
         )
 
     async def _decide(
-        self, tx: VerifierTx, job: JobRecord, *, is_new: bool, final: bool
+        self,
+        tx: VerifierTx,
+        job: JobRecord,
+        *,
+        is_new: bool,
+        final: bool,
+        first: ProposalRecord | None = None,
     ) -> _Outcome:
-        proposals = await tx.list_proposals(job.job_id)
+        """``first``: the only proposal of a new job, not stored yet (inserted here, decided)."""
+        proposals = [first] if first is not None else await tx.list_proposals(job.job_id)
         verdict = evaluate(job, proposals, final=final, policy=self._policy)
         now = self._clock()
         by_id = {p.execution_id: p for p in proposals}
@@ -214,7 +229,8 @@ class Coordinator:
                 if job.verifier is VerifierType.DETERMINISTIC
                 else "accepted by the noop verifier"
             )
-            await tx.update_proposal(p)
+            if p is not first:
+                await tx.update_proposal(p)
             events.append(
                 ResultAccepted(
                     job_id=job.job_id,
@@ -230,7 +246,8 @@ class Coordinator:
             p = by_id[execution_id]
             p.status = ProposalStatus.REJECTED
             p.reason = reason
-            await tx.update_proposal(p)
+            if p is not first:
+                await tx.update_proposal(p)
             events.append(
                 ResultRejected(
                     job_id=job.job_id,
@@ -260,6 +277,8 @@ class Coordinator:
                 )
             )
         job.updated = now
+        if first is not None:
+            await tx.insert_proposal(first)
         if is_new:
             await tx.insert_job(job)
         else:

@@ -140,10 +140,11 @@ class SqlTx(OutboxTx):
     async def find_job(self, job_id: str) -> JobRecord | None:
         return await _find_job(self._conn, job_id)
 
+    # No savepoint around the inserts: a duplicate raises Conflict, which ends (rolls back) the
+    # whole transaction anyway; nothing carries on after it.
     async def insert_job(self, job: JobRecord) -> None:
         try:
-            async with self._conn.begin_nested():
-                await self._conn.execute(_INSERT_JOB, _job_values(job))
+            await self._conn.execute(_INSERT_JOB, _job_values(job))
         except IntegrityError as exc:
             raise Conflict(f"job {job.job_id} already exists") from exc
 
@@ -171,8 +172,7 @@ class SqlTx(OutboxTx):
 
     async def insert_proposal(self, proposal: ProposalRecord) -> None:
         try:
-            async with self._conn.begin_nested():
-                await self._conn.execute(_INSERT_PROPOSAL, _proposal_values(proposal))
+            await self._conn.execute(_INSERT_PROPOSAL, _proposal_values(proposal))
         except IntegrityError as exc:
             raise Conflict(f"execution {proposal.execution_id} already proposed") from exc
 
