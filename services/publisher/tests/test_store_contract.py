@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from shoal_common.events import Envelope, PublishFailed
+from shoal_common.testing import wait_for
 from shoal_publisher.domain.models import Publication, PublicationStatus
 from shoal_publisher.store.base import PublisherStore
 from shoal_publisher.store.memory import MemoryPublisherStore
@@ -113,3 +114,42 @@ class TestSqlStore(StoreContract):
             yield store
         finally:
             await store.close()
+
+    async def test_relay_deletes_the_rows_it_published_and_no_other(
+        self, store: PublisherStore
+    ) -> None:
+        refused = {"e2"}  # its first publish fails: the row stays for the poll loop
+        sent: list[str] = []
+
+        async def publish(env: Envelope) -> None:
+            execution_id = env.parse().execution_id  # type: ignore[attr-defined]
+            if execution_id in refused:
+                refused.discard(execution_id)
+                raise ConnectionError("NATS down")
+            sent.append(execution_id)
+
+        relay = store.relay(publish, poll_interval=0.01)
+        relay.start()
+        try:
+            for pair in (("e0", "e1"), ("e2", "e3"), ("e4", "e5")):  # the delete reused
+                async with store.transaction() as tx:
+                    await tx.add_events(
+                        *(
+                            PublishFailed(job_id="j", execution_id=e, node_id="n", error="x")
+                            for e in pair
+                        )
+                    )
+
+            async def fast_path_done() -> bool:
+                return len(sent) == 5 and await store.outbox_size() == 1
+
+            await wait_for(fast_path_done)
+            assert sorted(sent) == ["e0", "e1", "e3", "e4", "e5"]
+
+            async def relayed() -> bool:
+                return await store.outbox_size() == 0
+
+            await wait_for(relayed)  # after the poll loop's grace period
+        finally:
+            await relay.stop()
+        assert sorted(sent) == ["e0", "e1", "e2", "e3", "e4", "e5"]

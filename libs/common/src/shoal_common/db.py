@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     delete,
     event,
     insert,
@@ -244,6 +245,15 @@ class OutboxRelay:
         self._batch = batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Built once; the delete runs once per row (executemany) instead of an IN list compiled
+        # per call. Not a range on seq: on Postgres a lower seq can commit after a higher one.
+        self._select_rows = (
+            select(outbox.c.seq, outbox.c.envelope, outbox.c.created)
+            .order_by(outbox.c.seq)
+            .limit(batch)
+        )
+        self._delete_seq = delete(outbox).where(outbox.c.seq == bindparam("b_seq"))
+        self._lag = telemetry.OUTBOX_LAG.labels(service=service)
 
     def notify(self) -> None:
         self._wake.set()
@@ -287,24 +297,16 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish up to one batch; returns how many rows were relayed."""
         async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(self._outbox.c.seq, self._outbox.c.envelope, self._outbox.c.created)
-                    .order_by(self._outbox.c.seq)
-                    .limit(self._batch)
-                )
-            ).all()
+            rows = (await conn.execute(self._select_rows)).all()
         if not rows:
             return 0
         envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
         await asyncio.gather(*(self._publish(e) for e in envelopes))
         now = time.time()
         for r in rows:
-            telemetry.OUTBOX_LAG.labels(service=self._service).observe(max(0.0, now - r.created))
+            self._lag.observe(max(0.0, now - r.created))
         async with self._engine.begin() as conn:
-            await conn.execute(
-                delete(self._outbox).where(self._outbox.c.seq.in_([r.seq for r in rows]))
-            )
+            await conn.execute(self._delete_seq, [{"b_seq": r.seq} for r in rows])
         return len(rows)
 
 

@@ -63,9 +63,18 @@ class DirectOutboxRelay:
         self._inflight: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._delete_published = delete(outbox).where(
-            outbox.c.event_id.in_(bindparam("b_ids", expanding=True))
+        # Prebuilt and run once per row (executemany): on SQLite it then takes the group-commit
+        # engine's driver path, where an expanding IN list was compiled by SQLAlchemy each time.
+        # Not a range on seq: a batch may have holes (a failed publish), and on Postgres a row
+        # with a lower seq can commit after a higher one was read.
+        self._delete_published = delete(outbox).where(outbox.c.event_id == bindparam("b_id"))
+        self._delete_seq = delete(outbox).where(outbox.c.seq == bindparam("b_seq"))
+        self._select_rows = (
+            select(outbox.c.seq, outbox.c.event_id, outbox.c.envelope, outbox.c.created)
+            .order_by(outbox.c.seq)
+            .limit(batch)
         )
+        self._lag = telemetry.OUTBOX_LAG.labels(service=service)
 
     # --- Relay ---
 
@@ -170,13 +179,11 @@ class DirectOutboxRelay:
                 )
             now = time.time()
             for _, committed in batch:
-                telemetry.OUTBOX_LAG.labels(service=self._service).observe(
-                    max(0.0, now - committed)
-                )
+                self._lag.observe(max(0.0, now - committed))
             if published:
                 try:
                     async with self._engine.begin() as conn:
-                        await conn.execute(self._delete_published, {"b_ids": published})
+                        await conn.execute(self._delete_published, [{"b_id": i} for i in published])
                 except Exception:
                     self._leftovers.set()  # published, rows kept: relayed again (same ids)
                     raise
@@ -193,18 +200,7 @@ class DirectOutboxRelay:
         """
         cutoff = time.time() - max_age
         async with self._engine.connect() as conn:
-            found = (
-                await conn.execute(
-                    select(
-                        self._outbox.c.seq,
-                        self._outbox.c.event_id,
-                        self._outbox.c.envelope,
-                        self._outbox.c.created,
-                    )
-                    .order_by(self._outbox.c.seq)
-                    .limit(self._batch)
-                )
-            ).all()
+            found = (await conn.execute(self._select_rows)).all()
         loose = [r for r in found if r.event_id not in self._inflight]
         rows = [r for r in loose if r.created <= cutoff]
         if not rows:
@@ -212,7 +208,5 @@ class DirectOutboxRelay:
         envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
         await asyncio.gather(*(self._publish(e) for e in envelopes))
         async with self._engine.begin() as conn:
-            await conn.execute(
-                delete(self._outbox).where(self._outbox.c.seq.in_([r.seq for r in rows]))
-            )
+            await conn.execute(self._delete_seq, [{"b_seq": r.seq} for r in rows])
         return len(rows), len(loose) - len(rows)

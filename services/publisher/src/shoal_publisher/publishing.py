@@ -99,8 +99,8 @@ class Publishing:
         await self._handle(event_id, _Result.of(evt, partial=True))
 
     async def _handle(self, event_id: str, evt: _Result) -> None:
-        if await self._store.is_processed(event_id):
-            return
+        # No is_processed() read first: an applied event always left a publication, which
+        # _publish looks up anyway, so a redelivery is caught there (one read per event saved).
         # One publish per execution at a time (a redelivery racing the first delivery waits,
         # then finds the publication); the lock is dropped when nobody holds or awaits it.
         key = evt.execution_id
@@ -118,7 +118,8 @@ class Publishing:
 
     async def _publish(self, event_id: str, evt: _Result) -> None:
         if await self._store.find_publication(evt.execution_id) is not None:
-            # Published (or failed) already under another envelope: just remember this one.
+            # Published (or failed) already, under this envelope (a redelivery) or another:
+            # just remember this one.
             async with self._store.transaction() as tx:
                 await tx.mark_processed(event_id)
             return

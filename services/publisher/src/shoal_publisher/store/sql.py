@@ -52,6 +52,9 @@ def _publication(row: RowMapping) -> Publication:
 _SELECT_PUBLICATION = select(t.publications).where(
     t.publications.c.execution_id == bindparam("b_execution_id")
 )
+_SELECT_PROCESSED = select(t.processed_events.c.event_id).where(
+    t.processed_events.c.event_id == bindparam("b_event_id")
+)
 _INSERT_PUBLICATION = insert(t.publications)
 _UPDATE_PUBLICATION = update(t.publications).where(
     t.publications.c.execution_id == bindparam("b_execution_id")
@@ -89,11 +92,9 @@ class SqlPublisherStore(OutboxSqlStore[SqlTx]):
     tx_type = SqlTx
 
     async def is_processed(self, event_id: str) -> bool:
-        query = select(t.processed_events.c.event_id).where(
-            t.processed_events.c.event_id == event_id
-        )
         async with self.engine.connect() as conn:
-            return (await conn.execute(query)).first() is not None
+            found = await conn.execute(_SELECT_PROCESSED, {"b_event_id": event_id})
+            return found.first() is not None
 
     async def find_publication(self, execution_id: str) -> Publication | None:
         async with self.engine.connect() as conn:
