@@ -168,6 +168,17 @@ class StoreContract:
             await tx.insert_job(_job("idle", verifier=VerifierType.DETERMINISTIC))
         assert await store.list_due_jobs(started_before=50.0) == ["older", "old"]
         assert await store.list_due_jobs(started_before=50.0, limit=1) == ["older"]
+        # The sweep's next wake-up: the oldest round among the same jobs.
+        assert await store.first_round_start() == 5.0
+
+    async def test_no_round_start_without_open_deterministic_rounds(
+        self, store: VerifierStore
+    ) -> None:
+        assert await store.first_round_start() is None
+        async with store.transaction() as tx:
+            await tx.insert_job(_job("noop", verifier=VerifierType.NOOP, round_started=1.0))
+            await tx.insert_job(_job("idle", verifier=VerifierType.DETERMINISTIC))
+        assert await store.first_round_start() is None
 
     async def test_sealing_key_is_created_once(self, store: VerifierStore) -> None:
         first = await store.load_or_create_key(b"k" * 32)

@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 class _Outcome:
     verifier: VerifierType
     verdict: Verdict
+    deadline: float | None = None  # the job's round deadline, while it waits for one
 
 
 class _KeyedLocks:
@@ -73,6 +74,7 @@ class Coordinator:
         policy: Policy,
         decision_timeout: float,
         on_commit: Callable[[], None] = lambda: None,
+        on_deadline: Callable[[float], None] = lambda _: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -80,6 +82,7 @@ class Coordinator:
         self._policy = policy
         self._timeout = decision_timeout
         self._on_commit = on_commit
+        self._on_deadline = on_deadline  # told after commit of each open round's deadline
         self._clock = clock
         self._locks = _KeyedLocks()
 
@@ -180,6 +183,11 @@ class Coordinator:
             self._after_commit(outcome)
             decided += 1
         return decided
+
+    async def next_deadline(self) -> float | None:
+        """When the sweep has work next (clock time; maybe past); None when no round waits."""
+        first = await self._store.first_round_start()
+        return None if first is None else first + self._timeout
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -284,9 +292,18 @@ class Coordinator:
         else:
             await tx.update_job(job, expected_version=job.version)
         await tx.add_events(*events)
-        return _Outcome(job.verifier, verdict)
+        deadline = None
+        if (
+            job.status is JobStatus.OPEN
+            and job.verifier is VerifierType.DETERMINISTIC
+            and job.round_started is not None
+        ):
+            deadline = job.round_started + self._timeout
+        return _Outcome(job.verifier, verdict, deadline)
 
     def _after_commit(self, outcome: _Outcome) -> None:
+        if outcome.deadline is not None:
+            self._on_deadline(outcome.deadline)
         verdict = outcome.verdict
         if verdict.empty:
             return

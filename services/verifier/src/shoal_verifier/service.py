@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 
 import structlog
 from fastapi import FastAPI
@@ -23,6 +25,9 @@ from shoal_verifier.store.base import Relay, VerifierStore
 from shoal_verifier.store.sql import SqlVerifierStore
 
 log = structlog.get_logger(__name__)
+
+_PAST_DEADLINE_S = 0.01
+_RETRY_S = 1.0  # a failed sweep (database unreachable) is tried again this soon
 
 
 class VerifierService:
@@ -46,6 +51,9 @@ class VerifierService:
         self.store: VerifierStore = store or SqlVerifierStore(settings.db_url("verifier"))
         self._relay: Relay | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # The sweeper sleeps until the next round deadline (clock time) or a sooner one is set.
+        self._sweep_at = math.inf
+        self._sooner = asyncio.Event()
         self._key: VerifierKey | None = None
         self.coordinator: Coordinator | None = None
         self._running = False
@@ -90,6 +98,7 @@ class VerifierService:
             ),
             decision_timeout=s.decision_timeout,
             on_commit=self._relay.notify,
+            on_deadline=self._deadline_set,
         )
         answer = VerifierKeyAnswer(
             public_key=self._key.public.to_text(), key_id=self._key.public.key_id
@@ -129,16 +138,40 @@ class VerifierService:
 
         return guarded
 
+    def _deadline_set(self, deadline: float) -> None:
+        if deadline < self._sweep_at:
+            self._sooner.set()
+
     async def _sweep_forever(self) -> None:
+        """Decide rounds at their deadline: a sweep at start (what passed while the verifier was
+        down), then one at each next deadline the store holds, woken early when this verifier
+        opens a sooner round, and at least every ``sweep_interval`` (rounds opened by another
+        replica sharing the database)."""
         assert self.coordinator is not None
+        clock = time.time
         while True:
-            await asyncio.sleep(self.settings.sweep_interval)
+            self._sooner.clear()
+            self._sweep_at = math.inf  # a round opened during this pass is looked at again
+            wait = self.settings.sweep_interval
             try:
                 await self.coordinator.sweep()
+                deadline = await self.coordinator.next_deadline()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("verifier_sweep_failed", error=repr(exc))
+                deadline = None
+                wait = min(wait, _RETRY_S)
+            now = clock()
+            if deadline is not None:
+                # Just past it: the sweep takes rounds that started strictly before now - timeout.
+                wait = min(wait, max(0.0, deadline - now) + _PAST_DEADLINE_S)
+            self._sweep_at = now + wait
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sooner.wait(), wait)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError  # (3.11's wait_for can drop a racing cancel)
 
     async def stop(self) -> None:
         self._running = False

@@ -79,6 +79,11 @@ class VerifierStore(Protocol):
         """Open deterministic jobs whose round started before the given time (deadline sweep)."""
         ...
 
+    async def first_round_start(self) -> float | None:
+        """When the oldest round of an open deterministic job started (the next deadline is
+        then plus the decision timeout); None when no such job waits."""
+        ...
+
     async def load_or_create_key(self, candidate: bytes) -> bytes:
         """The verifier's sealing key; stores ``candidate`` if there is none yet.
 

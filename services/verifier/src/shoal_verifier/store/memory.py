@@ -157,6 +157,18 @@ class MemoryVerifierStore:
         due.sort(key=lambda j: j.round_started or 0.0)
         return [j.job_id for j in due[:limit]]
 
+    async def first_round_start(self) -> float | None:
+        return min(
+            (
+                j.round_started
+                for j in self._state.jobs.values()
+                if j.status is JobStatus.OPEN
+                and j.verifier is VerifierType.DETERMINISTIC
+                and j.round_started is not None
+            ),
+            default=None,
+        )
+
     async def load_or_create_key(self, candidate: bytes) -> bytes:
         if self._state.key is None:
             self._state.key = candidate

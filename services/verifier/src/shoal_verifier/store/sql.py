@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -19,6 +19,12 @@ from shoal_verifier.store import tables as t
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _KEY_NAME = "sealing"
+# The deadline sweep's wake-up time (ix_verifier_jobs_status_round: an index range read).
+_FIRST_ROUND_START = select(func.min(t.jobs.c.round_started)).where(
+    t.jobs.c.status == JobStatus.OPEN.value,
+    t.jobs.c.verifier == VerifierType.DETERMINISTIC.value,
+    t.jobs.c.round_started.is_not(None),
+)
 
 
 def _job_values(job: JobRecord) -> dict[str, Any]:
@@ -213,6 +219,11 @@ class SqlVerifierStore(OutboxSqlStore[SqlTx]):
         )
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).scalars())
+
+    async def first_round_start(self) -> float | None:
+        async with self.engine.connect() as conn:
+            first = (await conn.execute(_FIRST_ROUND_START)).scalar()
+            return float(first) if first is not None else None
 
     async def load_or_create_key(self, candidate: bytes) -> bytes:
         query = select(t.keys.c.private_key).where(t.keys.c.name == _KEY_NAME)
