@@ -7,6 +7,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wasmtime
@@ -847,6 +848,35 @@ async def test_check_accepts_valid_jobs_and_explains_refusals(
     assert "missing.wasm" in missing.reason
 
     assert not (await executor.check(Job(spec=Spec(engine=Engine.WASM)))).ok
+
+
+async def test_check_validates_a_module_once_per_content_and_entry_point(
+    executor: WasmExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shoal_compute.executors.wasm as wasm_module
+
+    calls: list[tuple[str, str | None]] = []
+    real = wasm_module.validate_module
+
+    def counting(path: Path, entry_point: str | None = "_start", **kw: Any) -> list[str]:
+        calls.append((path.name, entry_point))
+        return real(path, entry_point, **kw)
+
+    monkeypatch.setattr(wasm_module, "validate_module", counting)
+    module = build(tmp_path, "hello", HELLO)
+    for _ in range(3):
+        assert (await executor.check(request(tmp_path, module).job)).ok
+    assert calls == [("hello.wasm", "_start")]
+    for _ in range(2):
+        check = await executor.check(request(tmp_path, module, entry_point="main").job)
+        assert "does not export the entry point 'main'" in check.reason
+    assert len(calls) == 2
+
+    # Same path, new content: validated again, and its own verdict.
+    module.write_bytes(wasmtime.wat2wasm('(module (func (export "main")))'))
+    assert (await executor.check(request(tmp_path, module, entry_point="main").job)).ok
+    assert not (await executor.check(request(tmp_path, module).job)).ok
+    assert len(calls) == 4
 
 
 def test_validate_module(tmp_path: Path) -> None:

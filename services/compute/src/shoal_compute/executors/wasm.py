@@ -77,6 +77,9 @@ TRAP_EXIT_CODE = 134
 INTERRUPTED_EXIT_CODE = 137
 NOT_STARTED_EXIT_CODE = 126
 
+# Validation results kept per (module sha256, entry point) by WasmExecutor.check.
+_VALIDATED_KEPT = 256
+
 # 2000-01-01T00:00:00Z: after 1980, so zip archives written by the guest get valid dates.
 VIRTUAL_EPOCH_NS = 946_684_800 * 1_000_000_000
 CLOCK_STEP_NS = 1_000
@@ -599,10 +602,23 @@ class WasmRuntime:
         self._host_funcs.append((module, name, ty, func, access_caller))
         self._linker.define_func(module, name, ty, func, access_caller=access_caller)
 
+    @staticmethod
+    def _digest_key(path: Path) -> tuple[str, int, int, int, int]:
+        st = path.stat()
+        return (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    def known_digest(self, path: Path) -> str | None:
+        """The remembered sha256 of an unchanged file (one ``stat``), else None."""
+        try:
+            key = self._digest_key(path)
+        except OSError:
+            return None
+        with self._lock:
+            return self._digests.get(key)
+
     def digest(self, path: Path) -> str:
         """sha256 of the file's bytes, remembered per (path, size, mtime, inode)."""
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        key = self._digest_key(path)
         with self._lock:
             known = self._digests.get(key)
             if known is not None:
@@ -1012,6 +1028,7 @@ class WasmExecutor:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shoal-wasm")
         self._controls: dict[str, RunControl] = {}
         self._log_poll_interval = log_poll_interval
+        self._validated: OrderedDict[tuple[str, str | None], list[str]] = OrderedDict()
         self._closed = False
 
     async def is_available(self) -> bool:
@@ -1030,13 +1047,37 @@ class WasmExecutor:
                 path = await self._resolve(spec)
             except Exception as exc:
                 return BidCheck(False, f"cannot fetch {role} {_describe(spec)}: {exc}")
-            # Not the execution pool: it may be full of long runs.
-            problems = await asyncio.to_thread(
-                validate_module, path, wanted, engine=self.runtime.engine
-            )
+            problems = await self._validate(path, wanted)
             if problems:
                 return BidCheck(False, f"{role}: " + "; ".join(problems))
         return BidCheck(True)
+
+    async def _validate(self, path: Path, entry_point: str | None) -> list[str]:
+        """:func:`validate_module`, remembered per module content and entry point: every bid
+        asks, and validating means reading and checking the whole module (the Python runtime's
+        is tens of MB)."""
+        digest = self.runtime.known_digest(path)
+        if digest is not None:
+            known = self._validated.get((digest, entry_point))
+            if known is not None:
+                self._validated.move_to_end((digest, entry_point))
+                return known
+
+        def validate() -> tuple[str | None, list[str]]:
+            try:
+                digest: str | None = self.runtime.digest(path)
+            except OSError:
+                digest = None  # unreadable: validate_module says so, and nothing is kept
+            return digest, validate_module(path, entry_point, engine=self.runtime.engine)
+
+        # Not the execution pool: it may be full of long runs.
+        digest, problems = await asyncio.to_thread(validate)
+        if digest is None:
+            return problems
+        self._validated[(digest, entry_point)] = problems
+        while len(self._validated) > _VALIDATED_KEPT:
+            self._validated.popitem(last=False)
+        return problems
 
     async def run(self, request: ExecutionRequest) -> RunResult:
         control = RunControl(request.timeout)
