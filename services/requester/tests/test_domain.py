@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal_common.errors import Conflict, InvalidInput
 from shoal_common.events import (
@@ -469,6 +471,51 @@ class _Clock:
 def _beat(node_id: str, *, cpu_free: float, seq: int = 1, stopping: bool = False) -> Heartbeat:
     info = node_info(node_id, cpu=4, available=Capacity(cpu=cpu_free, memory=8 * GiB))
     return Heartbeat(info=info, seq=seq, sent_at=0.0, stopping=stopping)
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    available=st.tuples(st.floats(0, 8), st.integers(0, 16 * GiB), st.integers(0, 4)),
+    held=st.lists(st.tuples(st.floats(0, 4), st.integers(0, 8 * GiB), st.integers(0, 2))),
+    released_after_beat=st.integers(0, 3),
+    need=st.tuples(st.floats(0, 4), st.integers(0, 8 * GiB), st.integers(0, 2)),
+    total_cpu=st.sampled_from([0.0, 4.0]),
+    full=st.booleans(),
+)
+def test_room_for_is_fits_in_and_free_fraction_of_free(
+    available: tuple[float, int, int],
+    held: list[tuple[float, int, int]],
+    released_after_beat: int,
+    need: tuple[float, int, int],
+    total_cpu: float,
+    full: bool,
+) -> None:
+    """Placement's shortcut gives what the free Capacity would (fits_in, free_fraction)."""
+    total = Capacity(cpu=total_cpu, memory=8 * GiB, disk=100 * GiB, gpu=2)
+    cpu, memory, gpu = available
+    info = node_info("n").model_copy(
+        update={
+            "total": total,
+            "available": Capacity(cpu=cpu, memory=memory, disk=50 * GiB, gpu=gpu),
+        }
+    )
+    inv = Inventory(lost_after=3.5, clock=_Clock())
+    inv.observe(Heartbeat(info=info, seq=1, sent_at=0.0))
+    for i, (c, m, g) in enumerate(held):
+        inv.hold("n", f"e{i}", Capacity(cpu=c, memory=m, gpu=g))
+    inv.observe(Heartbeat(info=info, seq=2, sent_at=0.0))
+    for i in range(min(released_after_beat, len(held))):
+        inv.release(f"e{i}")
+    for i, (c, m, g) in enumerate(held):
+        inv.hold("n", f"f{i}", Capacity(cpu=c, memory=m, gpu=g))
+    if full:
+        inv.mark_full("n")
+    node = inv.get("n")
+    assert node is not None
+    want = Capacity(cpu=need[0], memory=need[1], gpu=need[2])
+    free = node.free
+    expected = free.free_fraction(total) if want.fits_in(free) else None
+    assert node.room_for(want) == expected
 
 
 def test_inventory_capacity_accounting() -> None:

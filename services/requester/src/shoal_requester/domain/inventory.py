@@ -31,6 +31,7 @@ PRESUMED = "presumed"
 _NO_RECORD = NodeStanding()
 _NOTHING_FREE = Capacity()
 _VOLATILE = frozenset({"available", "running", "queued", "local_cids"})
+_FITS_EPS = 1e-9  # as Capacity.fits_in
 
 
 @dataclass
@@ -72,6 +73,30 @@ class TrackedNode:
             disk=min(a.disk - p.disk + f.disk, total.disk),
             gpu=min(a.gpu - p.gpu + f.gpu, total.gpu),
         )
+
+    def room_for(self, need: Capacity) -> float | None:
+        """``free.free_fraction(total)`` if ``need`` fits in :attr:`free` (``fits_in``), else
+        None: what placement asks of every candidate, without building the free Capacity."""
+        total = self.info.total
+        if self.full:
+            cpu, memory, disk, gpu = 0.0, 0, 0, 0
+        else:
+            a, p, f = self.info.available, self.pending, self.freed
+            cpu = min(a.cpu - p.cpu + f.cpu, total.cpu)
+            memory = min(a.memory - p.memory + f.memory, total.memory)
+            disk = min(a.disk - p.disk + f.disk, total.disk)
+            gpu = min(a.gpu - p.gpu + f.gpu, total.gpu)
+        if not (
+            need.cpu <= cpu + _FITS_EPS
+            and need.memory <= memory
+            and need.disk <= disk
+            and need.gpu <= gpu
+        ):
+            return None
+        share = cpu / total.cpu if total.cpu else 1.0
+        if total.memory:
+            share = min(share, memory / total.memory)
+        return max(0.0, share)
 
     def record(self) -> NodeRecord:
         return NodeRecord(

@@ -154,10 +154,11 @@ def misfit(info: NodeInfo, req: Requirements) -> str | None:
         return f"publisher {req.publisher.value} not supported"
     if req.verifier not in info.verifiers:
         return f"verifier {req.verifier.value} not supported"
-    labels = node_labels(info)
-    for selector in req.selectors:
-        if not matches(selector, labels):
-            return f"label selector {describe_selector(selector)} not matched"
+    if req.selectors:
+        labels = node_labels(info)
+        for selector in req.selectors:
+            if not matches(selector, labels):
+                return f"label selector {describe_selector(selector)} not matched"
     need, limit = req.resources, per_job_limit(info)
     if not need.fits_in(limit) or not need.fits_in(info.total):
         return f"job needs more resources than the node allows per job ({_describe(need)})"
@@ -191,8 +192,13 @@ def rendezvous_start(job_id: str, count: int) -> int:
 
 
 def capacity_weight(free: Capacity, total: Capacity) -> float:
+    return room_weight(free.free_fraction(total))
+
+
+def room_weight(free_fraction: float) -> float:
+    """A node's ranking weight for its free share (``Capacity.free_fraction``)."""
     # A floor so a nearly-full node still gets a (small) share instead of none.
-    return 0.05 + free.free_fraction(total)
+    return 0.05 + free_fraction
 
 
 def describe_selector(s: LabelSelector) -> str:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,7 +59,6 @@ from shoal_requester.domain.locks import KeyedLocks
 from shoal_requester.domain.matching import (
     Reputation,
     Requirements,
-    capacity_weight,
     full_reputation,
     misfit,
     preference_score,
@@ -67,6 +66,7 @@ from shoal_requester.domain.matching import (
     rendezvous_start,
     reputation_weight,
     requirements,
+    room_weight,
 )
 from shoal_requester.domain.model import (
     HOLDS_CAPACITY,
@@ -390,35 +390,44 @@ class Orchestrator:
         }
         failed_here = {e.node_id for e in executions if e.state is ES.FAILED}
         nodes = self._inventory.schedulable()
+        count = len(nodes)
         wanted_cids = {i.cid for i in job.spec.inputs or [] if i.cid}
         sample = self._settings.candidate_sample
         if sample:
             sample = max(sample, want * (self._settings.max_retries + 1))
-        if sample and len(nodes) > sample and not wanted_cids and not req.preferences:
-            start = rendezvous_start(job.id, len(nodes))
-            nodes = nodes[start:] + nodes[:start]
+        order: Iterable[int]
+        if sample and count > sample and not wanted_cids and not req.preferences:
+            # Indexes from the window's start round to it (no rotated copy of the node list).
+            start = rendezvous_start(job.id, count)
+            order = itertools.chain(range(start, count), range(start))
         else:
             sample = 0
+            order = range(count)
         free: list[tuple[tuple[int, int, int, float], TrackedNode]] = []
         busy: list[TrackedNode] = []
         fitting = 0
-        for node in nodes:
-            if misfit(node.info, req) is not None:
+        need = req.resources
+        reputation = self._reputation
+        for i in order:
+            node = nodes[i]
+            info = node.info
+            if misfit(info, req) is not None:
                 continue
             fitting += 1
-            if node.id in taken:
+            node_id = info.node_id
+            if node_id in taken:
                 continue
-            node_free = node.free
-            if not req.resources.fits_in(node_free):
+            room = node.room_for(need)
+            if room is None:
                 busy.append(node)
                 continue
-            weight = capacity_weight(node_free, node.info.total) * self._reputation(node.id)
+            weight = room_weight(room) * reputation(node_id)
             rank = (
-                1 if node.id in failed_here else 0,
-                -preference_score(node.info, req),
+                1 if node_id in failed_here else 0,
+                -preference_score(info, req),
                 # Data locality: a node that already holds the job's input CIDs is asked first.
-                -len(wanted_cids.intersection(node.info.local_cids)) if wanted_cids else 0,
-                -rendezvous(job.id, node.id, weight),
+                -len(wanted_cids.intersection(info.local_cids)) if wanted_cids else 0,
+                -rendezvous(job.id, node_id, weight),
             )
             free.append((rank, node))
             if sample and len(free) >= sample and not failed_here:
@@ -590,7 +599,7 @@ class Orchestrator:
         if accepted:
             took = asyncio.get_running_loop().time() - started
             metrics.PLACEMENT_LATENCY.observe(took)
-            metrics.JOB_STAGE.labels(stage="bidding").observe(took)
+            _BIDDING_STAGE.observe(took)
         self._after_commit(job, effects)
 
     def _answer_update(
@@ -602,38 +611,41 @@ class Orchestrator:
         min_met: bool,
         yes_count: int,
     ) -> ExecutionUpdate:
-        record = ExecutionRecord(
-            id=answer.execution_id,
-            job_id=job.id,
-            node_id=answer.node.id,
-            state=ES.ASK_FOR_BID,
-            version=1,
-            created=now,
-            updated=now,
-        )
+        def record(state: ES, status: str = "", accepted: bool = False) -> ExecutionRecord:
+            return ExecutionRecord(
+                id=answer.execution_id,
+                job_id=job.id,
+                node_id=answer.node.id,
+                state=state,
+                version=1,
+                created=now,
+                updated=now,
+                accepted_ask_for_bid=accepted,
+                status=status,
+            )
+
         asked = (ES.ASK_FOR_BID, "asked for a bid")
         if answer.kind == "waiting":
             reason = WAITING_FOR_APPROVAL
             if answer.reason and answer.reason != WAITING_FOR_APPROVAL:
                 reason += f": {answer.reason}"
-            return new_execution_update(record.evolve(status=reason), [(ES.ASK_FOR_BID, reason)])
+            return new_execution_update(record(ES.ASK_FOR_BID, reason), [(ES.ASK_FOR_BID, reason)])
         if answer.kind != "yes":
             reason = answer.reason or "bid rejected"
             if answer.kind == "error":
                 reason = f"{NOT_ASKED}{reason}"
-            rec = record.evolve(state=ES.ASK_FOR_BID_REJECTED, status=reason)
+            rec = record(ES.ASK_FOR_BID_REJECTED, reason)
             return new_execution_update(rec, [asked, (ES.ASK_FOR_BID_REJECTED, reason)])
         got = (ES.ASK_FOR_BID_ACCEPTED, "bid received")
-        rec = record.evolve(accepted_ask_for_bid=True)
         if answer.execution_id in accepted_ids:
-            rec = rec.evolve(state=ES.BID_ACCEPTED)
+            rec = record(ES.BID_ACCEPTED, accepted=True)
             return new_execution_update(rec, [asked, got, (ES.BID_ACCEPTED, "bid accepted")])
         if not min_met:
             reason = f"not enough bids: {yes_count} of the {job.spec.min_bids} required (min bids)"
-            rec = rec.evolve(state=ES.CANCELLED, status=reason)
+            rec = record(ES.CANCELLED, reason, accepted=True)
             return new_execution_update(rec, [asked, got, (ES.CANCELLED, reason)])
         reason = "enough bids accepted"
-        rec = rec.evolve(state=ES.BID_REJECTED, status=reason)
+        rec = record(ES.BID_REJECTED, reason, accepted=True)
         return new_execution_update(rec, [asked, got, (ES.BID_REJECTED, reason)])
 
     async def _ask(self, job: JobRecord, nodes: Sequence[TrackedNode]) -> list[_Answer]:
@@ -659,9 +671,11 @@ class Orchestrator:
             else:
                 kind = "yes" if bid.accepted else ("waiting" if bid.waiting else "no")
                 answer = _Answer(node, execution_id, kind, bid.reason)
-            metrics.BIDS.labels(answer=answer.kind).inc()
+            _bids_counter(answer.kind).inc()
             return next(arrival), answer
 
+        if len(asks) == 1:  # the usual single ask: no task and gather around it
+            return [(await ask(*asks[0]))[1]]
         results = await asyncio.gather(*(ask(n, e) for n, e in asks))
         return [a for _, a in sorted(results, key=lambda pair: pair[0])]
 
@@ -871,11 +885,15 @@ class Orchestrator:
                 # reports, and its late events change nothing.
                 log.info("cancel_not_delivered", execution_id=ex.id, error=exc.detail)
 
-        await asyncio.gather(
+        sends = [
             *(accept(e) for e in effects.accept),
             *(reject(e, r) for e, r in effects.reject),
             *(cancel(e, r) for e, r in effects.cancel),
-        )
+        ]
+        if len(sends) == 1:  # the usual single acceptance: no task and gather around it
+            await sends[0]
+        else:
+            await asyncio.gather(*sends)
 
     # --- events from compute, verifier and publisher -------------------------------------------
 
@@ -1325,6 +1343,19 @@ def _end(job: JobRecord, out: Outcome, now: datetime, **fields: Any) -> JobUpdat
 
 def _output(run_output: RunOutput | None) -> dict[str, Any] | None:
     return run_output.model_dump(by_alias=True) if run_output is not None else None
+
+
+# Labelled metric children used on every placement, looked up once (``labels`` costs a lock
+# and a dict lookup per call).
+_BIDDING_STAGE = metrics.JOB_STAGE.labels(stage="bidding")
+_BIDS_BY_ANSWER: dict[str, Any] = {}
+
+
+def _bids_counter(kind: str) -> Any:
+    counter = _BIDS_BY_ANSWER.get(kind)
+    if counter is None:
+        counter = _BIDS_BY_ANSWER[kind] = metrics.BIDS.labels(answer=kind)
+    return counter
 
 
 # Execution stage left -> metric stage name (``shoal_requester_job_stage_seconds``).
