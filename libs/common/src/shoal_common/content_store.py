@@ -28,7 +28,7 @@ import sqlite3
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
@@ -142,6 +142,17 @@ class ContentStore:
         with self._staging() as work:
             staged = work / "data"
             staged.write_bytes(data)
+            return self._ingest(staged)
+
+    def put_files(self, files: Mapping[str, bytes]) -> str:
+        """Store a folder holding exactly these files (plain names) and return its CID."""
+        with self._staging() as work:
+            staged = work / "data"
+            staged.mkdir()
+            for name, data in files.items():
+                if not name or "/" in name or name in (".", ".."):
+                    raise ValueError(f"not a plain file name: {name!r}")
+                (staged / name).write_bytes(data)
             return self._ingest(staged)
 
     @contextmanager

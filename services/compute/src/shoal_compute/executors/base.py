@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from shoal_common.result_folder import EXIT_CODE, exit_code_bytes
 from shoal_common.spec import Engine, Job
 
 
@@ -117,4 +118,4 @@ class Executor(Protocol):
 
 def write_exit_code(results_dir: Path, exit_code: int) -> None:
     """The exitCode file holds the number alone, as the reference system wrote it."""
-    (results_dir / "exitCode").write_text(str(exit_code))
+    (results_dir / EXIT_CODE).write_bytes(exit_code_bytes(exit_code))
