@@ -22,7 +22,7 @@ from shoal_common.events import (
     ResultAccepted,
     ResultPublished,
 )
-from shoal_common.spec import PublisherSpec, PublisherType, StorageSourceType
+from shoal_common.spec import PublisherSpec, PublisherType, RunOutput, StorageSourceType
 from shoal_common.testing import wait_for
 from shoal_publisher.adapters.fetch import HttpResultFetcher, StaticResultFetcher
 from shoal_publisher.adapters.kubo import AioipfsKubo, FakeKubo
@@ -191,6 +191,29 @@ async def test_local_is_the_default_and_reuses_stored_content(
         assert {o.result.cid for o in outcomes.values()} == {cid}
         # The second agreeing execution's result was already in the store: no second fetch.
         assert fetcher.fetched == ["http://node/r"]
+
+
+async def test_local_rebuilds_a_small_result_from_its_run_output(tmp_path: Path, kit: Any) -> None:
+    small = kit.tree(
+        tmp_path / "small", {"stdout": b"hello \xe2\x9c\x93\n", "stderr": b"", "exitCode": b"0"}
+    )
+    big = kit.tree(
+        tmp_path / "big", {"stdout": b"42\n", "stderr": b"", "exitCode": b"0", "outputs/x": b"1"}
+    )
+    fetcher = StaticResultFetcher({"http://node/small": small, "http://node/big": big})
+    async for rig in _rig(tmp_path, fetcher=fetcher):
+        said = RunOutput(stdout="hello \u2713\n", exitCode=0)
+        accepted = rig.accepted("e1", cid_of_path(small), url="http://node/small")
+        await rig.emit(accepted.model_copy(update={"run_output": said}))
+        # The run output is not all of this one (an output volume): downloaded as before.
+        with_outputs = rig.accepted("e2", cid_of_path(big), url="http://node/big")
+        await rig.emit(with_outputs.model_copy(update={"run_output": RunOutput(stdout="42\n")}))
+        outcomes = await rig.wait(2)
+        assert all(isinstance(o, ResultPublished) for o in outcomes.values()), outcomes
+        assert fetcher.fetched == ["http://node/big"]
+        stored = rig.service.content.path_of(cid_of_path(small))
+        assert (stored / "stdout").read_bytes() == "hello \u2713\n".encode()
+        assert (stored / "exitCode").read_bytes() == b"0"
 
 
 async def test_local_cid_mismatch_fails(tmp_path: Path, results: Path, kit: Any) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from shoal_common.events import ExecutionFailed, PublishFailed, ResultAccepted, ResultPublished
-from shoal_common.spec import PublisherSpec, PublisherType, StorageSpec
+from shoal_common.spec import PublisherSpec, PublisherType, RunOutput, StorageSpec
 from shoal_publisher import metrics
 from shoal_publisher.domain.models import (
     NodeUnreachableError,
@@ -47,6 +47,7 @@ class _Result:
     result_url: str | None
     publisher: PublisherSpec
     partial: bool = False
+    run_output: RunOutput | None = None
 
     @classmethod
     def of(cls, evt: ResultAccepted | ExecutionFailed, *, partial: bool) -> _Result:
@@ -58,6 +59,7 @@ class _Result:
             evt.result_url,
             evt.publisher,
             partial,
+            evt.run_output,
         )
 
 
@@ -131,6 +133,7 @@ class Publishing:
             result_cid=evt.result_cid,
             result_url=evt.result_url,
             params=dict(evt.publisher.params or {}),
+            run_output=evt.run_output,
         )
         started = time.perf_counter()
         attempts, spec, error = await self._attempt(kind, request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 
 from shoal_common.content_store import ContentStore
@@ -22,3 +23,6 @@ class AsyncContentStore:
 
     async def path_of(self, cid: str) -> Path:
         return await asyncio.to_thread(self.store.path_of, cid)
+
+    async def put_files(self, files: Mapping[str, bytes]) -> str:
+        return await asyncio.to_thread(self.store.put_files, files)

@@ -52,7 +52,7 @@ class ContentContext:
             raise NotFound(f"no content with CID {cid} is stored here") from exc
 
 
-def _context(request: Request) -> ContentContext:
+async def _context(request: Request) -> ContentContext:
     context: ContentContext = request.app.state.content
     return context
 

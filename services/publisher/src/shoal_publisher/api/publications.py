@@ -22,7 +22,7 @@ class PublicationRead(BaseModel):
     attempts: int
 
 
-def _store(request: Request) -> PublisherStore:
+async def _store(request: Request) -> PublisherStore:
     store: PublisherStore = request.app.state.store
     return store
 

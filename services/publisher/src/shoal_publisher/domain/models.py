@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from shoal_common.errors import ShoalError
+from shoal_common.spec import RunOutput
 
 
 class PublicationStatus(StrEnum):
@@ -24,6 +25,9 @@ class PublishRequest:
     result_cid: str
     result_url: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # What the run printed, as the events carry it: small results need no download (see
+    # shoal_common.result_folder).
+    run_output: RunOutput | None = None
 
     @property
     def name(self) -> str:

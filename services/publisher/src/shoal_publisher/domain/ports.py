@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +30,10 @@ class LocalContent(Protocol):
 
     async def path_of(self, cid: str) -> Path:
         """Where stored content lives (read-only)."""
+        ...
+
+    async def put_files(self, files: Mapping[str, bytes]) -> str:
+        """Store a folder holding exactly these files; returns its CID."""
         ...
 
 

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
+from shoal_common.result_folder import cid_of_files, folder_from_run_output
 from shoal_common.spec import PublisherType, StorageSourceType, StorageSpec
 from shoal_publisher.domain.models import PublishError, PublishRequest
 from shoal_publisher.domain.ports import KuboClient, LocalContent, ResultFetcher
@@ -86,7 +87,9 @@ class LocalPublisher:
     async def publish(self, request: PublishRequest) -> StorageSpec:
         # Content addressing makes this idempotent: a result already stored (a redelivery,
         # or several executions agreeing on one CID) is not fetched again.
-        if not await self._content.has(request.result_cid):
+        if not await self._content.has(request.result_cid) and not await self._from_run_output(
+            request
+        ):
             if not request.result_url:
                 raise PublishError(
                     f"node {request.node_id} gave no URL to fetch result {request.result_cid}"
@@ -104,6 +107,14 @@ class LocalPublisher:
         if url:
             spec.url = url
         return spec
+
+    async def _from_run_output(self, request: PublishRequest) -> bool:
+        """Store the result rebuilt from the run output the event carried, if that is all of
+        it (its CID is the proposed one); no download from the node then."""
+        files = folder_from_run_output(request.run_output)
+        if files is None or cid_of_files(files) != request.result_cid:
+            return False
+        return await self._content.put_files(files) == request.result_cid
 
 
 class IpfsPublisher:
