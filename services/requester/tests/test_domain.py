@@ -518,6 +518,34 @@ def test_room_for_is_fits_in_and_free_fraction_of_free(
     assert node.room_for(want) == expected
 
 
+def test_remembered_misfit_follows_the_node_and_the_requirements() -> None:
+    """Nodes remember misfit verdicts by requirements: a heartbeat that changes what the node
+    can do, or requirements that differ in anything misfit reads, are judged afresh."""
+    inv = Inventory(lost_after=3.5, clock=_Clock())
+    info = node_info("n", timeout_max=100.0)
+    inv.observe(Heartbeat(info=info, seq=1, sent_at=0.0))
+    node = inv.get("n")
+    assert node is not None
+    short, long = _req(Timeout=50), _req(Timeout=101)
+    assert short.fit_key == _req(Timeout=50).fit_key != long.fit_key
+    assert node.misfit(short) is None
+    assert "above the node's maximum" in (node.misfit(long) or "")
+    bypass = requirements(make_spec(Timeout=101), client_id="vip", resources=long.resources)
+    assert bypass.fit_key != long.fit_key
+    assert node.misfit(bypass) is not None  # not a bypass client yet
+    # Capacity reports alone keep the verdicts; a change of capabilities drops them.
+    busy = info.model_copy(update={"available": Capacity(cpu=1, memory=GiB)})
+    inv.observe(Heartbeat(info=busy, seq=2, sent_at=0.0))
+    assert node.misfits
+    inv.observe(Heartbeat(info=info.model_copy(update={"engines": []}), seq=3, sent_at=0.0))
+    assert node.misfit(short) == "engine Noop not available"
+    inv.observe(
+        Heartbeat(info=info.model_copy(update={"bypass_clients": ["vip"]}), seq=4, sent_at=0.0)
+    )
+    assert node.misfit(short) is None
+    assert node.misfit(bypass) is None
+
+
 def test_inventory_capacity_accounting() -> None:
     inv = Inventory(lost_after=3.5, clock=_Clock())
     first = inv.observe(_beat("n", cpu_free=4))

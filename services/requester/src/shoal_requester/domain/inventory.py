@@ -20,6 +20,7 @@ from datetime import datetime
 
 from shoal_common.protocol import Capacity, Heartbeat, NodeInfo
 from shoal_common.spec import utcnow
+from shoal_requester.domain.matching import Requirements, misfit
 from shoal_requester.domain.model import NodeRecord, NodeStanding
 
 LIVE = "live"
@@ -32,6 +33,7 @@ _NO_RECORD = NodeStanding()
 _NOTHING_FREE = Capacity()
 _VOLATILE = frozenset({"available", "running", "queued", "local_cids"})
 _FITS_EPS = 1e-9  # as Capacity.fits_in
+_MISFITS_KEPT = 256
 
 
 @dataclass
@@ -51,6 +53,9 @@ class TrackedNode:
     persisted_mono: float = 0.0
     # The node refused a bid for capacity: nothing free until its next heartbeat says otherwise.
     full: bool = False
+    # misfit verdicts by Requirements.fit_key, kept while the node's capabilities (its
+    # signature: everything misfit reads of it) stay the same.
+    misfits: dict[int, str | None] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -73,6 +78,17 @@ class TrackedNode:
             disk=min(a.disk - p.disk + f.disk, total.disk),
             gpu=min(a.gpu - p.gpu + f.gpu, total.gpu),
         )
+
+    def misfit(self, req: Requirements) -> str | None:
+        """``matching.misfit`` of this node for ``req``, remembered (every placement asks it of
+        every candidate, and few jobs differ in what it reads)."""
+        try:
+            return self.misfits[req.fit_key]
+        except KeyError:
+            if len(self.misfits) >= _MISFITS_KEPT:
+                self.misfits.clear()
+            why = self.misfits[req.fit_key] = misfit(self.info, req)
+            return why
 
     def room_for(self, need: Capacity) -> float | None:
         """``free.free_fraction(total)`` if ``need`` fits in :attr:`free` (``fits_in``), else
@@ -220,6 +236,8 @@ class Inventory:
         node.epoch += 1
         node.pending, node.freed = Capacity(), Capacity()
         node.full = False
+        if signature != node.signature:
+            node.misfits.clear()  # its capabilities changed: judge it again
         changed = signature != node.signature or node.state != was
         node.signature = signature
         after = node.free

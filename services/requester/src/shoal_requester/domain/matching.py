@@ -15,9 +15,10 @@ above one that satisfies fewer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from shoal_common.protocol import Capacity, NodeInfo
@@ -68,6 +69,9 @@ def reputation_weight(standing: NodeStanding, now: datetime) -> float:
     return max(MIN_REPUTATION, good / (good + bad))
 
 
+_FIT_KEY_IDS = itertools.count()
+
+
 @dataclass(frozen=True)
 class Requirements:
     """What a node must offer to run one execution of a job."""
@@ -81,6 +85,24 @@ class Requirements:
     client_id: str
     selectors: tuple[LabelSelector, ...]
     preferences: tuple[LabelSelector, ...]
+    # The same number for requirements that ``misfit`` cannot tell apart (see ``fit_key``):
+    # nodes remember their verdict by it. Unique unless built by ``requirements``.
+    fit_key: int = field(default_factory=lambda: next(_FIT_KEY_IDS), compare=False)
+
+
+# What misfit reads of a job's requirements -> its fit_key. Numbers are never reused, so clearing
+# this only costs the nodes' remembered verdicts a recomputation.
+_FIT_KEYS: dict[tuple[object, ...], int] = {}
+_FIT_KEYS_KEPT = 4096
+
+
+def fit_key(parts: tuple[object, ...]) -> int:
+    key = _FIT_KEYS.get(parts)
+    if key is None:
+        if len(_FIT_KEYS) >= _FIT_KEYS_KEPT:
+            _FIT_KEYS.clear()
+        key = _FIT_KEYS[parts] = next(_FIT_KEY_IDS)
+    return key
 
 
 def storage_specs(spec: Spec) -> list[StorageSpec]:
@@ -114,17 +136,31 @@ def split_selectors(
 
 def requirements(spec: Spec, *, client_id: str, resources: Capacity) -> Requirements:
     hard, soft = split_selectors(spec.node_selectors or [])
-    sources = {src for s in storage_specs(spec) if (src := storage_source(s)) is not None}
+    sources = frozenset(src for s in storage_specs(spec) if (src := storage_source(s)) is not None)
+    publisher, verifier = spec.effective_publisher, spec.effective_verifier
+    timeout = float(spec.timeout or 0.0)
+    # Everything misfit reads of the requirements.
+    parts = (
+        spec.engine,
+        sources,
+        publisher,
+        verifier,
+        (resources.cpu, resources.memory, resources.disk, resources.gpu),
+        timeout,
+        client_id,
+        tuple((s.key, s.operator, tuple(s.values or ())) for s in hard),
+    )
     return Requirements(
         engine=spec.engine,
-        storage_sources=frozenset(sources),
-        publisher=spec.effective_publisher,
-        verifier=spec.effective_verifier,
+        storage_sources=sources,
+        publisher=publisher,
+        verifier=verifier,
         resources=resources,
-        timeout=float(spec.timeout or 0.0),
+        timeout=timeout,
         client_id=client_id,
         selectors=hard,
         preferences=soft,
+        fit_key=fit_key(parts),
     )
 
 

@@ -60,7 +60,6 @@ from shoal_requester.domain.matching import (
     Reputation,
     Requirements,
     full_reputation,
-    misfit,
     preference_score,
     rendezvous,
     rendezvous_start,
@@ -225,22 +224,20 @@ class Orchestrator:
             coro.close()  # never awaited: close it, or Python warns at garbage collection
             return
 
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("requester_task_failed", task=name)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            if task.cancelled():
-                coro.close()  # cancelled before ``run`` started: ``coro`` was never awaited
-
-        task = asyncio.create_task(run(), name=name)
+        # The task runs ``coro`` itself (no wrapper coroutine: one per placement and per
+        # decision sent); a task cancelled before its first step closes ``coro`` by throwing
+        # CancelledError into it.
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(done)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("requester_task_failed", task=task.get_name(), exc_info=exc)
 
     @property
     def pending_count(self) -> int:
@@ -410,9 +407,9 @@ class Orchestrator:
         reputation = self._reputation
         for i in order:
             node = nodes[i]
-            info = node.info
-            if misfit(info, req) is not None:
+            if node.misfit(req) is not None:
                 continue
+            info = node.info
             fitting += 1
             node_id = info.node_id
             if node_id in taken:
@@ -741,7 +738,7 @@ class Orchestrator:
                 continue
             req = self._requirements(job)
             if not any(
-                req.resources.fits_in(n.free) and misfit(n.info, req) is None
+                req.resources.fits_in(n.free) and n.misfit(req) is None
                 for n in self._inventory.schedulable()
             ):
                 continue
