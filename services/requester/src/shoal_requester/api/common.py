@@ -28,7 +28,8 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def get_service(request: Request) -> RequesterService:
+# async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop per request.
+async def get_service(request: Request) -> RequesterService:
     service: RequesterService = request.app.state.service
     return service
 

@@ -32,7 +32,7 @@ class JobVerificationRead(BaseModel):
     proposals: list[ProposalRead]
 
 
-def _store(request: Request) -> VerifierStore:
+async def _store(request: Request) -> VerifierStore:
     store: VerifierStore = request.app.state.store
     return store
 
