@@ -11,7 +11,13 @@ sampling of a process with ~20 threads slowed it several-fold here), then writes
 * inclusive time by function (what the spending is for),
 * self time by package (sqlite3/sqlalchemy, pydantic, asyncio, uvicorn, nats, ...),
 * time by service (the innermost ``shoal_*`` package on the stack),
-* time by thread (the event loop vs the SQLite writer and reader threads).
+* time by thread (the event loop vs the SQLite writer and reader threads),
+* with ``--focus TEXT`` (repeatable), the share of samples with a frame containing TEXT: the
+  inclusive cost of one part, to compare before/after a change. ``--stacks FILE`` summarises
+  the raw stacks of an earlier run again (e.g. with other ``--focus`` values).
+
+The load line ends with ``devstack_cpu_ms_per_job``: CPU of the devstack's process tree
+(Python and nats-server) per job while sampled (py-spy's own cost is not in it).
 
 Percentages are of the samples in which a thread was working: samples of threads blocked in
 select, a queue or a lock are counted apart and left out (py-spy's own idle detection misses
@@ -127,7 +133,7 @@ def is_waiting(frame: str) -> bool:
     return False
 
 
-def summarise(raw: Path, top: int) -> tuple[str, int]:
+def summarise(raw: Path, top: int, focus: list[str] | None = None) -> tuple[str, int]:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_package: Counter[str] = Counter()
@@ -135,6 +141,7 @@ def summarise(raw: Path, top: int) -> tuple[str, int]:
     by_thread: Counter[str] = Counter()
     waiting: Counter[str] = Counter()
     ours: Counter[str] = Counter()
+    focused: Counter[str] = Counter({pattern: 0 for pattern in focus or []})
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -150,6 +157,9 @@ def summarise(raw: Path, top: int) -> tuple[str, int]:
             waiting[_thread_kind([parse_frame(f) for f in frames])] += count
             continue
         total += count
+        for pattern in focused:
+            if any(pattern in frame for frame in frames):
+                focused[pattern] += count
         parsed = [parse_frame(f) for f in frames]
         leaf, leaf_pkg = parsed[-1]
         leaf = leaf + _c_call_note(frames[-1])
@@ -179,6 +189,7 @@ def summarise(raw: Path, top: int) -> tuple[str, int]:
         [
             f"samples working: {total}; waiting (blocked in select/queue/lock, left out): "
             f"{idle} ({', '.join(f'{k}: {v}' for k, v in waiting.most_common(5))})\n",
+            *([table("Focus: samples with a frame containing", focused, 100)] if focus else []),
             table("Self time by function", self_time, top),
             table("Inclusive time by function (entry frames left out)", inclusive, top),
             table("Inclusive time by Shoal function", ours, top),
@@ -283,13 +294,35 @@ def main() -> None:
     )
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--name", default="stress")
+    p.add_argument(
+        "--focus",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="Also report the share of samples with a frame containing TEXT (inclusive time of\n"
+        "e.g. 'MetricsMiddleware' or 'store/sql.py:_run'); repeatable.",
+    )
+    p.add_argument(
+        "--stacks",
+        type=Path,
+        help="Summarise this raw stacks file of an earlier run instead of running the load\n"
+        "(to compare two runs with the same --focus).",
+    )
     args = p.parse_args()
+    if args.stacks is not None:
+        text, _ = summarise(args.stacks, args.top, args.focus)
+        print(f"raw collapsed stacks: {args.stacks}\n\n{text}")
+        return
     raw = Path(tempfile.mkdtemp(prefix="shoal-profile-")) / "stacks.txt"
     # Every service in the one process py-spy samples (the default layout puts the requester
     # in a child process of its own: ADR 0012).
     with DevstackProcess.start("--noop", "--compute-nodes", "3", "--processes", "1") as stack:
         figures = asyncio.run(load(stack, args, raw))
-    text, samples = summarise(raw, args.top)
+    text, samples = summarise(raw, args.top, args.focus)
+    if figures.get("jobs_per_s") and "devstack_cpu_cores" in figures:
+        # Python and nats-server together (the devstack's process tree), per job.
+        per_job = 1000 * figures["devstack_cpu_cores"] / figures["jobs_per_s"]
+        figures["devstack_cpu_ms_per_job"] = round(per_job, 1)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     PROFILES.mkdir(exist_ok=True)
     out = PROFILES / f"{args.name}-{stamp}.txt"
