@@ -505,6 +505,23 @@ async def test_background_work_never_started_is_closed_not_left_unawaited() -> N
         assert inspect.getcoroutinestate(while_closing) == inspect.CORO_CLOSED
 
 
+async def test_background_work_that_fails_is_logged_and_forgotten() -> None:
+    from structlog.testing import capture_logs
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    async with harness() as h:
+        orchestrator = h.service.orchestrator
+        with capture_logs() as logs:
+            orchestrator._spawn(broken(), "broken-work")
+            await orchestrator.idle()
+        failed = [e for e in logs if e["event"] == "requester_task_failed"]
+        assert [e["task"] for e in failed] == ["broken-work"]
+        assert isinstance(failed[0]["exc_info"], RuntimeError)
+        assert not orchestrator._tasks
+
+
 async def test_a_burst_that_fills_every_node_queues_the_job_instead_of_failing_it() -> None:
     """B18: bids refused only because the node is full leave the job Queued, spend no retry,
     and the job runs once a node has room."""
