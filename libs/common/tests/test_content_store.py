@@ -188,6 +188,21 @@ def test_special_file_refused(store: ContentStore, tree: Path) -> None:
     assert _objects(store) == []
 
 
+def test_threads_write_and_read_through_their_own_connections(store: ContentStore) -> None:
+    def put_and_read(i: int) -> bool:
+        cid = store.put_bytes(f"item {i}".encode())
+        return store.has(cid) and store.path_of(cid).read_bytes() == f"item {i}".encode()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(put_and_read, range(40)))
+    # Every thread sees what the others committed, and the store works again after close().
+    assert all(store.has(cid_of_bytes(f"item {i}".encode())) for i in range(40))
+    store.close()
+    assert store.has(cid_of_bytes(b"item 7"))
+    assert store.has(store.put_bytes(b"after close"))
+    store.close()
+
+
 def test_concurrent_puts_of_same_tree(store: ContentStore, tree: Path) -> None:
     with ThreadPoolExecutor(4) as pool:
         cids = list(pool.map(lambda _: store.put_path(tree), range(8)))

@@ -28,8 +28,9 @@ import sqlite3
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
@@ -101,6 +102,12 @@ class ContentStore:
         self._db_path = self.root / "index.sqlite3"
         self._objects.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        # One index connection per thread, kept open: opening one per call cost more than the
+        # queries, and closing the last connection to a WAL database checkpoints it (two
+        # fsyncs) every time.
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         with self._connect() as db:
             # WAL lets readers (block/get) proceed while a put writes its index rows.
             db.execute("PRAGMA journal_mode=WAL")
@@ -108,8 +115,23 @@ class ContentStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self._db_path, timeout=60)) as db, db:
+        """This thread's index connection, in a transaction (committed on success)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._db_path, timeout=60, check_same_thread=False)
+            with self._connections_lock:
+                self._connections.append(db)
+            self._local.db = db
+        with db:
             yield db
+
+    def close(self) -> None:
+        """Close the index connections (the store opens new ones if used again)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        self._local = threading.local()
+        for db in connections:
+            db.close()
 
     # ------------------------------------------------------------------ writes
 
