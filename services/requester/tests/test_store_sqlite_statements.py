@@ -13,6 +13,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_requester.store.sql import (
+    _HISTORY_COLUMNS,
+    _INSERT_HISTORY,
     _INSERT_HISTORY_ONE,
     _INSERT_OUTBOX,
     _UPDATE_JOB,
@@ -98,6 +100,14 @@ def test_single_and_several_binds(keys: tuple[str, ...]) -> None:
     statement = _sqlite_statement(_INSERT_HISTORY_ONE, keys)
     expected = ["j", "JobLevel", "2026-12-03 00:00:00.000000"][: len(keys)]
     assert list(_sqlite_params(statement, {k: row[k] for k in keys})) == expected
+
+
+def test_group_history_insert_binds_in_the_order_it_builds_values() -> None:
+    """_flush_history builds each row's values in _HISTORY_COLUMNS order: the compiled
+    statement must bind in that order (else it falls back to the slower general path)."""
+    statement = _sqlite_statement(_INSERT_HISTORY, _HISTORY_COLUMNS)
+    assert statement.order == _HISTORY_COLUMNS
+    assert statement.text.startswith("INSERT INTO history (job_id, type, execution_id")
 
 
 async def test_driver_errors_surface_as_sqlalchemy_errors(tmp_path: Path) -> None:

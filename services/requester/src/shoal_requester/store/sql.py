@@ -298,6 +298,17 @@ _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
 _INSERT_HISTORY = insert(history)
+_HISTORY_COLUMNS = (
+    "job_id",
+    "type",
+    "execution_id",
+    "node_id",
+    "previous",
+    "new",
+    "version",
+    "comment",
+    "time",
+)
 _INSERT_HISTORY_ONE = insert(history).returning(history.c.seq)
 _INSERT_HISTORY_MANY = insert(history).returning(history.c.seq, sort_by_parameter_order=True)
 _MARK_PROCESSED = {
@@ -348,6 +359,7 @@ class _SqliteStatement:
     text: str
     get: Callable[[Mapping[str, Any]], tuple[Any, ...]]  # a row's values in bind order
     datetimes: tuple[int, ...]  # positions of UTCDateTime binds
+    order: tuple[str, ...]  # the bind names, in order
 
 
 _SQLITE_SQL: dict[tuple[int, tuple[str, ...]], _SqliteStatement] = {}
@@ -379,7 +391,7 @@ def _sqlite_statement(stmt: Any, keys: tuple[str, ...]) -> _SqliteStatement:
         datetimes = tuple(
             i for i, name in enumerate(order) if isinstance(compiled.binds[name].type, UTCDateTime)
         )
-        cached = _SqliteStatement(str(compiled), get, datetimes)
+        cached = _SqliteStatement(str(compiled), get, datetimes, order)
         _SQLITE_SQL[(id(stmt), keys)] = cached
     return cached
 
@@ -391,6 +403,15 @@ _DATETIME_TEXT: dict[datetime, str] = {}
 _DATETIME_TEXT_MAX = 1024
 
 
+def _datetime_text(value: datetime) -> str:
+    text = _DATETIME_TEXT.get(value)
+    if text is None:
+        if len(_DATETIME_TEXT) >= _DATETIME_TEXT_MAX:
+            _DATETIME_TEXT.clear()
+        text = _DATETIME_TEXT[value] = _sqlite_datetime(value)
+    return text
+
+
 def _sqlite_params(statement: _SqliteStatement, row: Mapping[str, Any]) -> Sequence[Any]:
     values = statement.get(row)
     if not statement.datetimes:
@@ -399,12 +420,7 @@ def _sqlite_params(statement: _SqliteStatement, row: Mapping[str, Any]) -> Seque
     for i in statement.datetimes:
         value = out[i]
         if value is not None:
-            text = _DATETIME_TEXT.get(value)
-            if text is None:
-                if len(_DATETIME_TEXT) >= _DATETIME_TEXT_MAX:
-                    _DATETIME_TEXT.clear()
-                text = _DATETIME_TEXT[value] = _sqlite_datetime(value)
-            out[i] = text
+            out[i] = _datetime_text(value)
     return out
 
 
@@ -510,14 +526,14 @@ def _with_seq(h: HistoryRecord, seq: int) -> HistoryRecord:
 def _insert_history(conn: Connection, rows: list[HistoryRecord]) -> list[HistoryRecord]:
     """Insert history rows; the returned list holds them with their ``seq``.
 
-    Inside a SQLite group commit (``_HISTORY_QUEUE`` set) the rows wait for the group's single
-    insert (:func:`_flush_history`), which fills the returned list in before the commit.
+    Inside a SQLite group commit (``_HISTORY_QUEUE`` set) the rows, made for this transaction,
+    wait for the group's single insert (:func:`_flush_history`), which sets their ``seq``
+    before the commit.
     """
     queue: list[list[HistoryRecord]] | None = conn.info.get(_HISTORY_QUEUE)
     if queue is not None:
-        waiting = list(rows)
-        queue.append(waiting)
-        return waiting
+        queue.append(rows)
+        return rows
     statement = _INSERT_HISTORY_ONE if len(rows) == 1 else _INSERT_HISTORY_MANY
     _, seqs = _run(conn, statement, [_history_row(h) for h in rows], returning=True)
     return [_with_seq(h, s) for h, s in zip(rows, seqs, strict=True)]
@@ -533,16 +549,36 @@ def _flush_history(conn: Connection, queue: list[list[HistoryRecord]]) -> None:
     rows = [h for group in queue for h in group]
     if not rows:
         return
-    _run(conn, _INSERT_HISTORY, [_history_row(h) for h in rows])
+    statement = _sqlite_statement(_INSERT_HISTORY, _HISTORY_COLUMNS)
+    if statement.order == _HISTORY_COLUMNS:  # bind values straight from the records
+        values: list[Sequence[Any]] = [
+            (
+                h.job_id,
+                h.type.value,
+                h.execution_id,
+                h.node_id,
+                h.previous,
+                h.new,
+                h.version,
+                h.comment,
+                _datetime_text(h.time),
+            )
+            for h in rows
+        ]
+    else:
+        values = [_sqlite_params(statement, _history_row(h)) for h in rows]
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
+        cursor.executemany(statement.text, values)
         (last,) = cursor.execute("SELECT last_insert_rowid()").fetchone()
+    except sqlite3.Error as exc:
+        raise _translated(exc, statement.text, conn) from exc
     finally:
         cursor.close()
-    seq = last - len(rows) + 1
-    for group in queue:
-        group[:] = [_with_seq(h, s) for s, h in enumerate(group, start=seq)]
-        seq += len(group)
+    # The records were made for this transaction and nobody has seen them yet: their seq is
+    # set in place (HistoryRecord.seq is "assigned by the store"), not by copying each one.
+    for seq, h in enumerate(rows, start=last - len(rows) + 1):
+        object.__setattr__(h, "seq", seq)
 
 
 def _mark_processed(conn: Connection, event_id: str) -> bool:
