@@ -139,16 +139,17 @@ def requirements(spec: Spec, *, client_id: str, resources: Capacity) -> Requirem
     sources = frozenset(src for s in storage_specs(spec) if (src := storage_source(s)) is not None)
     publisher, verifier = spec.effective_publisher, spec.effective_verifier
     timeout = float(spec.timeout or 0.0)
-    # Everything misfit reads of the requirements.
+    # Everything misfit reads of the requirements, as strings and numbers: they hash in C (an
+    # enum member's hash is a Python call), and this runs once per placement.
     parts = (
-        spec.engine,
-        sources,
-        publisher,
-        verifier,
+        spec.engine.value if spec.engine is not None else None,
+        tuple(sorted(src.value for src in sources)) if sources else (),
+        publisher.value,
+        verifier.value,
         (resources.cpu, resources.memory, resources.disk, resources.gpu),
         timeout,
         client_id,
-        tuple((s.key, s.operator, tuple(s.values or ())) for s in hard),
+        tuple((s.key, s.operator.value, tuple(s.values or ())) for s in hard),
     )
     return Requirements(
         engine=spec.engine,
