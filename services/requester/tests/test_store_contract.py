@@ -267,6 +267,39 @@ async def test_history_rows_returned_carry_their_stored_seq(store: RequesterStor
             assert [h.new for h in rows] == expected
 
 
+async def test_concurrent_execution_updates_fail_alone(store: RequesterStore) -> None:
+    """A lost compare-and-set of an execution fails only its own change, also when changes
+    are committed together (SQLite runs a group's execution updates as one statement)."""
+    executions = []
+    for i in range(6):
+        job, _ = await store.create_job(make_job())
+        execution = make_execution(job, f"node-{i}", state=ES.ASK_FOR_BID)
+        await store.apply(
+            Changes(executions=[new_execution_update(execution, [(ES.ASK_FOR_BID, "asked")])])
+        )
+        stored = await store.find_execution(execution.id)
+        assert stored is not None
+        executions.append(stored)
+    now = utcnow()
+    updates = [advance(e, [(ES.BID_ACCEPTED, "accepted")], now=now) for e in executions]
+    stale = advance(executions[2].evolve(version=9), [(ES.BID_ACCEPTED, "accepted")], now=now)
+    results = await asyncio.gather(
+        *(store.apply(Changes(executions=[u])) for u in updates[:2]),
+        store.apply(Changes(executions=[stale])),
+        *(store.apply(Changes(executions=[u])) for u in updates[3:]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], Conflict)
+    for i, e in enumerate(executions):
+        current = await store.find_execution(e.id)
+        assert current is not None
+        assert current.state is (ES.ASK_FOR_BID if i == 2 else ES.BID_ACCEPTED)
+        if i != 2:
+            rows = results[i]
+            assert isinstance(rows, list)
+            assert [h.new for h in rows] == ["BidAccepted"]
+
+
 async def test_job_update_keeps_or_rewrites_the_wire_job(store: RequesterStore) -> None:
     job, _ = await store.create_job(make_job())
     queued = job_transition(job, JobStateType.QUEUED, now=utcnow())

@@ -254,8 +254,27 @@ class _Written:
 
 
 _Op = Callable[[Connection], _Written]
-# ``Connection.info`` key: history rows waiting for the group's insert (SQLite writer only).
-_HISTORY_QUEUE = "shoal_history_queue"
+# ``Connection.info`` key of the open SQLite group commit's deferred writes (see _Group).
+_GROUP = "shoal_group"
+
+
+@dataclass
+class _Group:
+    """Row writes that the changes of one SQLite group commit leave to its end.
+
+    Each kind goes in as one ``executemany`` (one round through the driver and the GIL for the
+    group instead of one per change): compare-and-set updates of jobs and executions, inserts
+    of executions, history rows. Deferring keeps their order within each kind, and nothing in a
+    group reads these rows back. A compare-and-set that then matches fewer rows than it
+    should raises Conflict for the whole group, which the writer redoes change by change
+    (``_commit``), so exactly the change that lost fails, as before. Everything else a change
+    writes (events marked processed, jobs created, outbox, node standing) is written at once.
+    """
+
+    job_updates: list[Mapping[str, Any]] = field(default_factory=list)
+    execution_inserts: list[Mapping[str, Any]] = field(default_factory=list)
+    execution_updates: list[Mapping[str, Any]] = field(default_factory=list)
+    history: list[list[HistoryRecord]] = field(default_factory=list)
 
 
 # Hot-path statements are built once: constructing a SQLAlchemy statement and its cache key
@@ -526,13 +545,13 @@ def _with_seq(h: HistoryRecord, seq: int) -> HistoryRecord:
 def _insert_history(conn: Connection, rows: list[HistoryRecord]) -> list[HistoryRecord]:
     """Insert history rows; the returned list holds them with their ``seq``.
 
-    Inside a SQLite group commit (``_HISTORY_QUEUE`` set) the rows, made for this transaction,
+    Inside a SQLite group commit (``_GROUP`` set) the rows, made for this transaction,
     wait for the group's single insert (:func:`_flush_history`), which sets their ``seq``
     before the commit.
     """
-    queue: list[list[HistoryRecord]] | None = conn.info.get(_HISTORY_QUEUE)
-    if queue is not None:
-        queue.append(rows)
+    group: _Group | None = conn.info.get(_GROUP)
+    if group is not None:
+        group.history.append(rows)
         return rows
     statement = _INSERT_HISTORY_ONE if len(rows) == 1 else _INSERT_HISTORY_MANY
     _, seqs = _run(conn, statement, [_history_row(h) for h in rows], returning=True)
@@ -602,6 +621,7 @@ def _stage_events(conn: Connection, events: Sequence[Event]) -> None:
 
 
 def _apply(conn: Connection, changes: Changes) -> _Written:
+    group: _Group | None = conn.info.get(_GROUP)
     rows = history_for(changes)
     if changes.processed_event is not None and not _mark_processed(conn, changes.processed_event):
         return _Written(None)
@@ -624,18 +644,26 @@ def _apply(conn: Connection, changes: Changes) -> _Written:
         if after.job is not ju.before.job and after.job != ju.before.job:
             params["job"] = _dumps(dict(after.job))
             statement = _UPDATE_JOB
+        elif group is not None:
+            group.job_updates.append(params)
+            continue
         if _run(conn, statement, params)[0] != 1:
             raise Conflict(f"job {ju.before.id} changed since it was read")
     inserts = [_execution_row(eu.after) for eu in changes.executions if eu.before is None]
     if inserts:
-        _run(conn, _INSERT_EXECUTIONS, inserts)
+        if group is not None:
+            group.execution_inserts.extend(inserts)
+        else:
+            _run(conn, _INSERT_EXECUTIONS, inserts)
     for eu in changes.executions:
         if eu.before is None:
             continue
         row = _execution_row(eu.after)
         params = {f: row[f] for f in _EXECUTION_FIELDS}
         params.update(b_id=eu.before.id, b_state=eu.before.state.value, b_version=eu.before.version)
-        if _run(conn, _UPDATE_EXECUTION, params)[0] != 1:
+        if group is not None:
+            group.execution_updates.append(params)
+        elif _run(conn, _UPDATE_EXECUTION, params)[0] != 1:
             raise Conflict(f"execution {eu.before.id} changed since it was read")
     if rows:
         rows = _insert_history(conn, rows)
@@ -739,15 +767,37 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def _run_group(conn: Connection, ops: list[_Op]) -> list[_Written | BaseException]:
-    """Run ``ops`` in the open transaction; their history rows go in at the end, together."""
-    queue: list[list[HistoryRecord]] = []
-    conn.info[_HISTORY_QUEUE] = queue
+    """Run ``ops`` in the open transaction, then their deferred writes (:class:`_Group`)."""
+    group = _Group()
+    conn.info[_GROUP] = group
     try:
         written: list[_Written | BaseException] = [op(conn) for op in ops]
-        _flush_history(conn, queue)
     finally:
-        del conn.info[_HISTORY_QUEUE]
+        del conn.info[_GROUP]
+    _flush_group(conn, group)
     return written
+
+
+def _flush_group(conn: Connection, group: _Group) -> None:
+    # In the order _apply writes them. A reordering across changes could only make a
+    # compare-and-set miss (versions only grow), never match wrongly: then the group is redone
+    # change by change.
+    _compare_and_set_all(conn, _UPDATE_JOB_STATE, group.job_updates, "job")
+    if group.execution_inserts:
+        _run(conn, _INSERT_EXECUTIONS, group.execution_inserts)
+    _compare_and_set_all(conn, _UPDATE_EXECUTION, group.execution_updates, "execution")
+    _flush_history(conn, group.history)
+
+
+def _compare_and_set_all(
+    conn: Connection, statement: Any, params: list[Mapping[str, Any]], what: str
+) -> None:
+    if not params:
+        return
+    # Each update matches at most its one row (by id): all took effect iff the count is all.
+    if _run(conn, statement, params)[0] != len(params):
+        ids = ", ".join(str(p["b_id"]) for p in params[:3]) + (", ..." if len(params) > 3 else "")
+        raise Conflict(f"{what} {ids} changed since it was read")
 
 
 # --- the store -----------------------------------------------------------------------------------
