@@ -17,7 +17,8 @@ from shoal_common.errors import InvalidInput, NotFound
 from shoal_compute.adapters.content import ContentCache
 
 
-def get_cache(request: Request) -> ContentCache:
+# async: FastAPI runs a plain def dependency on a worker thread for every request.
+async def get_cache(request: Request) -> ContentCache:
     cache: ContentCache = request.app.state.content_cache
     return cache
 
