@@ -334,28 +334,27 @@ _MARK_PROCESSED = {
     "sqlite": sqlite_insert(processed_events).on_conflict_do_nothing(),
     "postgresql": pg_insert(processed_events).on_conflict_do_nothing(),
 }
-# Compare-and-set: the row changes only if it is still at the (state, version) it was read at.
-_UPDATE_JOB = (
-    update(jobs)
-    .where(
-        jobs.c.id == bindparam("b_id"),
-        jobs.c.state == bindparam("b_state"),
-        jobs.c.version == bindparam("b_version"),
+
+
+def _job_compare_and_set(fields: tuple[str, ...]) -> Any:
+    """Compare-and-set: the row changes only if it is still at the (state, version) it was
+    read at."""
+    return (
+        update(jobs)
+        .where(
+            jobs.c.id == bindparam("b_id"),
+            jobs.c.state == bindparam("b_state"),
+            jobs.c.version == bindparam("b_version"),
+        )
+        .values({jobs.c[f]: bindparam(f) for f in fields})
     )
-    .values({jobs.c[f]: bindparam(f) for f in _JOB_FIELDS})
-)
+
+
+_UPDATE_JOB = _job_compare_and_set(_JOB_FIELDS)
 # The same without the job's wire JSON, for the usual update that leaves it as it was: no JSON
 # dump per transition, and no rewriting kilobytes of text that did not change.
 _JOB_STATE_FIELDS = tuple(f for f in _JOB_FIELDS if f != "job")
-_UPDATE_JOB_STATE = (
-    update(jobs)
-    .where(
-        jobs.c.id == bindparam("b_id"),
-        jobs.c.state == bindparam("b_state"),
-        jobs.c.version == bindparam("b_version"),
-    )
-    .values({jobs.c[f]: bindparam(f) for f in _JOB_STATE_FIELDS})
-)
+_UPDATE_JOB_STATE = _job_compare_and_set(_JOB_STATE_FIELDS)
 _UPDATE_EXECUTION = (
     update(executions)
     .where(
