@@ -70,12 +70,11 @@ def accepted(bus: MemoryBus, job_id: str) -> int:
 
 async def decided_at(bus: MemoryBus, job_id: str, timeout: float = 10.0) -> float:
     """When both proposals of the job were accepted (looked at every 10 ms)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if accepted(bus, job_id) == 2:
-            return time.time()
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{job_id} was not decided within {timeout} s")
+
+    async def decided() -> float | None:
+        return time.time() if accepted(bus, job_id) == 2 else None
+
+    return await wait_for(decided, timeout=timeout, interval=0.01)
 
 
 async def test_a_round_is_decided_at_its_deadline(tmp_path: Path) -> None:
