@@ -33,6 +33,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Table,
     and_,
     bindparam,
     event,
@@ -336,34 +337,26 @@ _MARK_PROCESSED = {
 }
 
 
-def _job_compare_and_set(fields: tuple[str, ...]) -> Any:
+def _compare_and_set(table: Table, fields: Sequence[str]) -> Any:
     """Compare-and-set: the row changes only if it is still at the (state, version) it was
     read at."""
     return (
-        update(jobs)
+        update(table)
         .where(
-            jobs.c.id == bindparam("b_id"),
-            jobs.c.state == bindparam("b_state"),
-            jobs.c.version == bindparam("b_version"),
+            table.c.id == bindparam("b_id"),
+            table.c.state == bindparam("b_state"),
+            table.c.version == bindparam("b_version"),
         )
-        .values({jobs.c[f]: bindparam(f) for f in fields})
+        .values({table.c[f]: bindparam(f) for f in fields})
     )
 
 
-_UPDATE_JOB = _job_compare_and_set(_JOB_FIELDS)
+_UPDATE_JOB = _compare_and_set(jobs, _JOB_FIELDS)
 # The same without the job's wire JSON, for the usual update that leaves it as it was: no JSON
 # dump per transition, and no rewriting kilobytes of text that did not change.
 _JOB_STATE_FIELDS = tuple(f for f in _JOB_FIELDS if f != "job")
-_UPDATE_JOB_STATE = _job_compare_and_set(_JOB_STATE_FIELDS)
-_UPDATE_EXECUTION = (
-    update(executions)
-    .where(
-        executions.c.id == bindparam("b_id"),
-        executions.c.state == bindparam("b_state"),
-        executions.c.version == bindparam("b_version"),
-    )
-    .values({executions.c[f]: bindparam(f) for f in _EXECUTION_FIELDS})
-)
+_UPDATE_JOB_STATE = _compare_and_set(jobs, _JOB_STATE_FIELDS)
+_UPDATE_EXECUTION = _compare_and_set(executions, _EXECUTION_FIELDS)
 
 
 _SQLITE = sqlite_dialect.dialect(paramstyle="qmark")
