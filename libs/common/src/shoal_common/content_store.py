@@ -42,6 +42,7 @@ from shoal_common.cid import (
     multihash_to_cid,
     walk_dag,
 )
+from shoal_common.result_folder import cid_of_files
 
 __all__ = [
     "ContentCorruptedError",
@@ -168,6 +169,9 @@ class ContentStore:
 
     def put_files(self, files: Mapping[str, bytes]) -> str:
         """Store a folder holding exactly these files (plain names) and return its CID."""
+        cid = cid_of_files(files)
+        if self.has(cid):
+            return cid
         with self._staging() as work:
             staged = work / "data"
             staged.mkdir()

@@ -86,9 +86,10 @@ class LocalPublisher:
 
     async def publish(self, request: PublishRequest) -> StorageSpec:
         # Content addressing makes this idempotent: a result already stored (a redelivery,
-        # or several executions agreeing on one CID) is not fetched again.
-        if not await self._content.has(request.result_cid) and not await self._from_run_output(
-            request
+        # or several executions agreeing on one CID) is not fetched again. The rebuild from the
+        # run output goes first: it needs no lookup of its own (put_files skips stored content).
+        if not await self._from_run_output(request) and not await self._content.has(
+            request.result_cid
         ):
             if not request.result_url:
                 raise PublishError(
