@@ -106,8 +106,21 @@ def completed_executions(state: JobState) -> list[str]:
 def wait_all_terminal(
     fetch: Callable[[str], JobState], job_ids: list[str], timeout: float
 ) -> list[JobState]:
-    def probe() -> list[JobState] | None:
-        states = [fetch(j) for j in job_ids]
-        return states if all_terminal(states) else None
+    last: list[JobState] = []
 
-    return wait_until(probe, timeout=timeout, what=f"{len(job_ids)} jobs terminal")
+    def probe() -> list[JobState] | None:
+        nonlocal last
+        last = [fetch(j) for j in job_ids]
+        return last if all_terminal(last) else None
+
+    try:
+        return wait_until(probe, timeout=timeout, what=f"{len(job_ids)} jobs terminal")
+    except AssertionError as timed_out:
+        # Say which jobs were stuck, and where: "last=None" alone cannot be debugged from CI.
+        stuck = [
+            f"{s.job_id}: {s.state.value} ({s.status}) "
+            f"{[(e.node_id, e.state.value) for e in s.executions]}"
+            for s in last
+            if not s.state.terminal
+        ]
+        raise AssertionError(f"{timed_out}; not terminal: {stuck}") from None

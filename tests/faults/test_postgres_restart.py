@@ -3,14 +3,17 @@ comes back: the API says 503 meanwhile, and no acknowledged job is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from shoal_client.client import ShoalClientError
+from shoal_common.db import DATABASE_UNAVAILABLE, create_engine
 from tests.faults.cluster import FaultCluster, completed_executions, noop_spec, wait_all_terminal
 from tests.faults.postgres import PrivatePostgres, private_postgres
 
@@ -69,3 +72,26 @@ def test_postgres_crash_mid_run_is_503_and_loses_nothing(
         print(f"postgres crash -> all {len(job_ids)} terminal: {recovered:.1f} s")
     finally:
         cluster.stop()
+
+
+def test_a_query_cut_by_a_crash_is_database_unavailable(postgres: PrivatePostgres) -> None:
+    """asyncpg reports a connection dropped mid-query as a bare DBAPIError; callers that wait
+    for the database to come back must see it as unavailable, or they give up (B12)."""
+
+    async def cut_query() -> BaseException:
+        engine = create_engine(postgres.url)
+        try:
+            async with engine.connect() as conn:
+                query = asyncio.ensure_future(conn.execute(text("SELECT pg_sleep(30)")))
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(postgres.crash)
+                try:
+                    await query
+                except Exception as cut:  # the type is what the test looks at
+                    return cut
+                raise AssertionError("the query outlived the crash")
+        finally:
+            await engine.dispose()
+
+    error = asyncio.run(cut_query())
+    assert isinstance(error, DATABASE_UNAVAILABLE), repr(error)

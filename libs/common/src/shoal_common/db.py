@@ -109,7 +109,37 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+    event.listen(engine.sync_engine, "handle_error", _connection_lost_is_unavailable, retval=True)
+    return engine
+
+
+# Server messages (SQLSTATE class 57, and 08 at connect) that mean "not now", not "wrong".
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+
+
+def _connection_lost_is_unavailable(context: Any) -> BaseException | None:
+    """Raise a lost connection as :class:`OperationalError`, one of ``DATABASE_UNAVAILABLE``.
+
+    asyncpg reports a connection dropped mid-query ("connection was closed in the middle of
+    operation"), a server shutting down (57P01) or still starting up (57P03) as a plain
+    ``DBAPIError``. Callers that retry while the database is away caught none of them, so a job
+    placement that met a Postgres restart was given up and waited for the stuck-job sweep.
+    """
+    error = context.sqlalchemy_exception
+    if error is None or isinstance(error, DATABASE_UNAVAILABLE):
+        return None
+    sqlstate = str(getattr(context.original_exception, "sqlstate", "") or "")
+    if not (context.is_disconnect or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)):
+        return None
+    return sa_exc.OperationalError(
+        error.statement,
+        error.params,
+        context.original_exception,
+        connection_invalidated=error.connection_invalidated,
+    )
 
 
 def create_store_engine(url: str, *, pool_size: int = 10) -> StoreEngine:
