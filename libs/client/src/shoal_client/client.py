@@ -120,33 +120,33 @@ class ShoalClient:
             return resp
         raise ShoalClientError(resp.status_code, _error_text(resp))
 
+    def _send(self, method: str, path: str, **request: Any) -> Any:
+        """One JSON call. A dropped connection (most often a kept-alive one the server closed
+        just as the request went out) is tried once more: every call made here is a read, or
+        a signed submit, whose resend the requester answers with the same job."""
+        for attempt in (1, 2):
+            try:
+                resp = self._http.request(method, path, **request)
+            except (httpx.TimeoutException, httpx.UnsupportedProtocol) as exc:
+                raise self._unreachable(exc) from exc
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise self._unreachable(exc) from exc
+                continue
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from exc
+            return self._check(resp).json()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        try:
-            resp = self._http.post(path, content=orjson.dumps(body), headers=_JSON)
-        except httpx.HTTPError as exc:
-            raise ShoalClientError(
-                0, f"cannot reach the requester at {self.base_url}: {exc}"
-            ) from exc
-        return self._check(resp).json()
+        return self._send("POST", path, content=orjson.dumps(body), headers=_JSON)
 
     def _post_signed(self, path: str, payload: dict[str, Any]) -> Any:
-        body = sign_envelope(self.key, payload)
-        try:
-            resp = self._http.post(path, content=body, headers=_JSON)
-        except httpx.HTTPError as exc:
-            raise ShoalClientError(
-                0, f"cannot reach the requester at {self.base_url}: {exc}"
-            ) from exc
-        return self._check(resp).json()
+        return self._send("POST", path, content=sign_envelope(self.key, payload), headers=_JSON)
 
     def _get(self, path: str, **params: Any) -> Any:
-        try:
-            resp = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
-        except httpx.HTTPError as exc:
-            raise ShoalClientError(
-                0, f"cannot reach the requester at {self.base_url}: {exc}"
-            ) from exc
-        return self._check(resp).json()
+        query = {k: v for k, v in params.items() if v is not None}
+        return self._send("GET", path, params=query)
 
     # --- jobs ------------------------------------------------------------------------------------
 
