@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal_common.spec import PublisherType
 from tests.faults.cluster import FaultCluster, completed_executions, noop_spec, wait_all_terminal
 from tests.support import wait_until
 
@@ -26,7 +27,9 @@ def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(tmp_path
     ).start()
     try:
         client = cluster.client(tmp_path / "key")
-        job_ids = [client.submit(noop_spec()).metadata.id for _ in range(8)]
+        # A Local publisher, so the late results have a publisher to reach (a noop-published
+        # job's results are settled by the requester alone, ADR 0017).
+        job_ids = [client.submit(noop_spec(PublisherType.LOCAL)).metadata.id for _ in range(8)]
 
         def running_on_victim() -> list[tuple[str, str]]:
             return [

@@ -137,12 +137,27 @@ def results(kit: Any, tmp_path: Path) -> Path:
 # --- noop ---------------------------------------------------------------------------------------
 
 
-async def test_noop_records_the_cid(tmp_path: Path) -> None:
+async def test_noop_acceptances_are_left_to_the_requester(tmp_path: Path) -> None:
+    """ADR 0017: the requester records a noop publication itself; the publisher acks the
+    acceptance and does nothing (a publication here would be a second, racing record)."""
     async for rig in _rig(tmp_path):
-        cid = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
-        await rig.emit(rig.accepted("e1", cid, kind=PublisherType.NOOP))
+        await rig.emit(rig.accepted("e1", "QmNoop", kind=PublisherType.NOOP))
+        await rig.emit(rig.accepted("e2", "QmLocal", kind=PublisherType.LOCAL))
+        await rig.wait(1)  # e2 fails (no URL); e1 came first on the same consumer
+        assert set(rig.outcomes()) == {"e2"}
+        assert await rig.store.find_publication("e1") is None
+
+
+async def test_noop_records_a_partial_results_cid(tmp_path: Path) -> None:
+    cid = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
+    async for rig in _rig(tmp_path):
+        failed = _failed_run("e1", cid, None).model_copy(
+            update={"publisher": PublisherSpec(Type=PublisherType.NOOP)}
+        )
+        await rig.emit(failed)
         published = (await rig.wait(1))["e1"]
         assert isinstance(published, ResultPublished)
+        assert published.partial
         assert published.result.storage_source is StorageSourceType.IPFS
         assert published.result.name == "job-job-1-host-node-e1"
         assert published.result.cid == cid
@@ -418,11 +433,11 @@ async def test_failing_publisher_beside_a_good_one(tmp_path: Path, results: Path
 
 
 async def test_a_publisher_type_can_be_made_to_fail(tmp_path: Path) -> None:
-    async for rig in _rig(tmp_path, fail_publishers=["noop"]):
-        await rig.emit(rig.accepted("e1", "QmX", kind=PublisherType.NOOP))
+    async for rig in _rig(tmp_path, fail_publishers=["local"]):
+        await rig.emit(rig.accepted("e1", "QmX", kind=PublisherType.LOCAL))
         failed = (await rig.wait(1))["e1"]
         assert isinstance(failed, PublishFailed)
-        assert failed.error.startswith("Noop publisher failed")
+        assert failed.error.startswith("Local publisher failed")
 
 
 async def test_unsupported_publisher_fails_with_the_reason(tmp_path: Path) -> None:
@@ -516,8 +531,9 @@ async def test_same_envelope_twice_publishes_once(tmp_path: Path) -> None:
         await publishing.on_accepted(envelope.id, evt)
         await publishing.on_accepted(envelope.id, evt)
         # Another envelope for the same execution (a re-sent decision) changes nothing either.
-        await rig.emit(rig.accepted("e1", "QmX", kind=PublisherType.NOOP))
-        await rig.settle()
+        again = Envelope.wrap(rig.accepted("e1", "QmX", kind=PublisherType.NOOP))
+        await publishing.on_accepted(again.id, evt)
+        await rig.settle()  # the outbox relayed what it held
         published = [e for e in rig.bus.published if e.type == ResultPublished.type]
         assert len(published) == 1
 

@@ -31,6 +31,7 @@ from shoal_common.spec import (
     StorageSpec,
     utcnow,
 )
+from shoal_common.testing import wait_for
 from shoal_requester.domain import lifecycle
 from shoal_requester.domain.inventory import LOST, PRESUMED, Inventory
 from shoal_requester.domain.matching import misfit, rendezvous, requirements, split_selectors
@@ -105,6 +106,97 @@ def test_out_of_order_events_fill_in_the_stages() -> None:
     assert lifecycle.on_result_accepted(late.after, result_cid="Qm1", now=now) is None
     rows = history_for(Changes(executions=[published]))
     assert [r.version for r in rows] == [2, 3, 4]
+
+
+# --- ADR 0017: noop verification and publishing settled by the requester -------------------------
+
+
+def _proposed(ex: Any, now: Any) -> Any:
+    return lifecycle.on_result_proposed(
+        ex, result_cid="Qm1", run_output={"stdout": "hi"}, now=now, max_output_bytes=10
+    )
+
+
+def test_a_noop_result_is_accepted_and_published_in_the_update_of_its_proposal() -> None:
+    ex = _running()
+    now = utcnow()
+    update = lifecycle.settled_here(
+        _proposed(ex, now), job_id="job-9", verify=True, publish=True, now=now
+    )
+    assert update is not None
+    assert update.before is ex
+    assert [s for s, _ in update.steps] == [
+        ES.WAITING_VERIFICATION,
+        ES.RESULT_ACCEPTED,
+        ES.COMPLETED,
+    ]
+    assert update.after.version == ex.version + 3
+    assert update.after.verification == {"Complete": True, "Result": True}
+    assert update.after.published == {
+        "StorageSource": "IPFS",
+        "Name": f"job-job-9-host-{ex.node_id}",
+        "CID": "Qm1",
+    }
+    assert update.after.run_output is not None
+    assert update.after.run_output["stdout"] == "hi"
+    rows = history_for(Changes(executions=[update]))
+    assert [r.version for r in rows] == [2, 3, 4]
+
+
+def test_only_the_noop_stages_are_settled_here() -> None:
+    ex = _running()
+    now = utcnow()
+    # Deterministic verification, noop publisher: the proposal waits for the verifier...
+    waiting = lifecycle.settled_here(
+        _proposed(ex, now), job_id="j", verify=False, publish=True, now=now
+    )
+    assert waiting is not None
+    assert waiting.after.state is ES.WAITING_VERIFICATION
+    # ... whose acceptance is then published here.
+    accepted = lifecycle.on_result_accepted(waiting.after, result_cid="Qm1", now=now)
+    done = lifecycle.settled_here(accepted, job_id="j", verify=False, publish=True, now=now)
+    assert done is not None
+    assert [s for s, _ in done.steps] == [ES.RESULT_ACCEPTED, ES.COMPLETED]
+    # A real publisher: acceptance is as far as the requester goes.
+    kept = lifecycle.settled_here(
+        _proposed(ex, now), job_id="j", verify=True, publish=False, now=now
+    )
+    assert kept is not None
+    assert kept.after.state is ES.RESULT_ACCEPTED
+    # A late event that only fills in data settles nothing (it reached no stage).
+    late = lifecycle.on_result_proposed(
+        waiting.after.evolve(run_output=None),
+        result_cid="Qm1",
+        run_output={"stdout": "hi"},
+        now=now,
+        max_output_bytes=10,
+    )
+    assert late is not None
+    assert late.steps == ()
+    assert lifecycle.settled_here(late, job_id="j", verify=True, publish=True, now=now) is late
+
+
+async def test_a_noop_job_completes_with_no_verifier_or_publisher_running() -> None:
+    async with harness(verifier=False) as h:
+        await h.node("n")
+        noop_job = await h.submit()
+        job = await h.wait_state(noop_job)
+        assert job.state is JobStateType.COMPLETED
+        [ex] = await h.executions(noop_job)
+        assert ex.published is not None
+        assert ex.published["CID"] == ex.result_cid
+        news = [r.new for r in await h.history(noop_job) if r.execution_id]
+        assert news[-3:] == ["WaitingVerification", "ResultAccepted", "Completed"]
+        # The job's own spec decides, not the node: a Local-published job waits for the
+        # verifier and the publisher.
+        local_job = await h.submit(make_spec(PublisherSpec={"Type": "Local"}))
+
+        async def proposed() -> bool:
+            execs = await h.executions(local_job)
+            return bool(execs) and execs[0].state is ES.WAITING_VERIFICATION
+
+        await wait_for(proposed)
+        assert (await h.service.store.get_job(local_job)).state is JobStateType.IN_PROGRESS
 
 
 def test_28_decisions_on_unknown_or_finished_executions_change_nothing() -> None:

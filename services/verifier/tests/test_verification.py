@@ -78,6 +78,7 @@ class Harness:
         verifier: VerifierType = VerifierType.DETERMINISTIC,
         concurrency: int = 3,
         confidence: int | None = None,
+        publisher: PublisherType = PublisherType.LOCAL,
     ) -> ResultProposed:
         return ResultProposed(
             job_id=self.job_id,
@@ -87,7 +88,7 @@ class Harness:
             run_output=RunOutput(stdout=f"output of {execution_id}", exitCode=0),
             verifier=verifier,
             deal=Deal(Concurrency=concurrency, Confidence=confidence),
-            publisher=PublisherSpec(Type=PublisherType.LOCAL),
+            publisher=PublisherSpec(Type=publisher),
             result_url=f"http://{node_id or execution_id}.example/results/{execution_id}",
             size=12,
         )
@@ -191,6 +192,17 @@ async def test_noop_accepts_each_proposal_at_once(h: Harness) -> None:
     assert _accepted(decisions) == {"e1", "e2"}
 
 
+async def test_noop_proposals_published_by_noop_are_left_to_the_requester(h: Harness) -> None:
+    """ADR 0017: the requester accepts and publishes these itself; a decision here would only
+    race it. The proposal after them on the same stream is still decided."""
+    await h.propose(
+        "e1", GOOD, seal=False, verifier=VerifierType.NOOP, publisher=PublisherType.NOOP
+    )
+    await h.propose("e2", GOOD, seal=False, verifier=VerifierType.NOOP)
+    assert set(await h.wait_decided(1)) == {"e2"}
+    assert [p.execution_id for p in await h.service.store.list_proposals(h.job_id)] == ["e2"]
+
+
 async def test_noop_without_a_plan_accepts_too(h: Harness) -> None:
     await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
     assert _accepted(await h.wait_decided(1)) == {"e1"}
@@ -255,6 +267,11 @@ async def test_35_one_bad_of_three(h: Harness) -> None:
     assert _accepted(decisions) == {"e1", "e3"}
     assert _rejected(decisions) == {"e2"}
     assert f"disagrees with the accepted result {GOOD}" in decisions["e2"][1]
+    # The rejection goes out first, so it lands before the acceptances can end the job.
+    order = [
+        e.type for e in h.bus.published if e.type in (ResultAccepted.type, ResultRejected.type)
+    ]
+    assert order == [ResultRejected.type, ResultAccepted.type, ResultAccepted.type]
     (rejected,) = h.events(ResultRejected)
     assert rejected.result_cid == BAD
 

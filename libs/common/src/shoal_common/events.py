@@ -16,7 +16,16 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal_common import tracing
-from shoal_common.spec import Deal, PublisherSpec, RunOutput, StorageSpec, VerifierType, utcnow
+from shoal_common.spec import (
+    Deal,
+    PublisherSpec,
+    PublisherType,
+    RunOutput,
+    StorageSourceType,
+    StorageSpec,
+    VerifierType,
+    utcnow,
+)
 from shoal_common.subjects import Producer, event
 
 
@@ -28,6 +37,35 @@ def new_id() -> str:
     value |= rand & ((1 << 62) - 1)
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# --- which service settles a result (ADR 0017) -------------------------------------------------
+# Noop verification and noop publishing decide nothing: the requester applies them itself, in
+# the transaction that records the result, instead of a round trip through the verifier and the
+# publisher (two JetStream hops, two commits in each of two services). The verifier and the
+# publisher leave such events alone by the same rules, applied to what the event says.
+
+
+def requester_verifies(verifier: VerifierType | None, publisher: PublisherType | None) -> bool:
+    """A proposal of a noop-verified, noop-published job needs neither verifier nor publisher."""
+    return (verifier or VerifierType.NOOP) is VerifierType.NOOP and requester_publishes(publisher)
+
+
+def requester_publishes(publisher: PublisherType | None) -> bool:
+    """An accepted result of a noop-published job needs no publisher (``None`` means Local)."""
+    return publisher is PublisherType.NOOP
+
+
+def published_name(job_id: str, node_id: str) -> str:
+    """The reference system's name for a published result."""
+    return f"job-{job_id}-host-{node_id}"
+
+
+def noop_publication(job_id: str, node_id: str, result_cid: str) -> StorageSpec:
+    """What publishing with the noop publisher gives: the result's CID, stored nowhere new."""
+    return StorageSpec(
+        StorageSource=StorageSourceType.IPFS, Name=published_name(job_id, node_id), CID=result_cid
+    )
 
 
 class Event(BaseModel):

@@ -229,6 +229,25 @@ class Coordinator:
         now = self._clock()
         by_id = {p.execution_id: p for p in proposals}
         events: list[Event] = []
+        # Rejections go out first: the requester ends a job as soon as enough results are
+        # accepted (ADR 0017: at once, for the noop publisher), and a wrong result it hears of
+        # only after that could no longer be recorded against its node.
+        for execution_id, reason in verdict.reject.items():
+            p = by_id[execution_id]
+            p.status = ProposalStatus.REJECTED
+            p.reason = reason
+            if p is not first:
+                await tx.update_proposal(p)
+            events.append(
+                ResultRejected(
+                    job_id=job.job_id,
+                    execution_id=p.execution_id,
+                    node_id=p.node_id,
+                    result_cid=p.result_cid,
+                    reason=reason,
+                    run_output=_run_output(p),
+                )
+            )
         for execution_id in verdict.accept:
             p = by_id[execution_id]
             p.status = ProposalStatus.ACCEPTED
@@ -247,22 +266,6 @@ class Coordinator:
                     result_cid=p.result_cid,
                     publisher=PublisherSpec.model_validate(p.publisher),
                     result_url=p.result_url,
-                    run_output=_run_output(p),
-                )
-            )
-        for execution_id, reason in verdict.reject.items():
-            p = by_id[execution_id]
-            p.status = ProposalStatus.REJECTED
-            p.reason = reason
-            if p is not first:
-                await tx.update_proposal(p)
-            events.append(
-                ResultRejected(
-                    job_id=job.job_id,
-                    execution_id=p.execution_id,
-                    node_id=p.node_id,
-                    result_cid=p.result_cid,
-                    reason=reason,
                     run_output=_run_output(p),
                 )
             )

@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from shoal_common.errors import ShoalError
+from shoal_common.events import published_name
 from shoal_common.spec import RunOutput
 
 
@@ -32,7 +33,7 @@ class PublishRequest:
     @property
     def name(self) -> str:
         """The reference system's name for a published result."""
-        return f"job-{self.job_id}-host-{self.node_id}"
+        return published_name(self.job_id, self.node_id)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
+from shoal_common.events import noop_publication
 from shoal_common.result_folder import cid_of_files, folder_from_run_output
 from shoal_common.spec import PublisherType, StorageSourceType, StorageSpec
 from shoal_publisher.domain.models import PublishError, PublishRequest
@@ -40,14 +41,13 @@ def _spec(request: PublishRequest, kind: PublisherType, **extra: str) -> Storage
 
 
 class NoopPublisher:
-    """Records the CID and says it is published (tests, stress runs, ``Publisher: Noop``)."""
+    """Records the CID and says it is published (partial results of failed runs; an accepted
+    result for ``Publisher: Noop`` is recorded by the requester itself, ADR 0017)."""
 
     kind = PublisherType.NOOP
 
     async def publish(self, request: PublishRequest) -> StorageSpec:
-        return StorageSpec(
-            StorageSource=StorageSourceType.IPFS, Name=request.name, CID=request.result_cid
-        )
+        return noop_publication(request.job_id, request.node_id, request.result_cid)
 
 
 def _new_workdir(staging: Path) -> Path:

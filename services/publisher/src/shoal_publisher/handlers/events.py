@@ -1,5 +1,6 @@
 """Consumers of ``ResultAccepted`` (verifier stream) and ``ExecutionFailed`` (compute stream,
-for partial results), both under the durable name ``publisher``.
+for partial results), both under the durable name ``publisher``. An accepted result for the
+noop publisher is the requester's to record (ADR 0017): it is acked and left alone.
 
 Returning acks; :class:`~shoal_common.bus.Poison` drops an unreadable message; any other
 exception (a database hiccup) makes the bus redeliver it, which is safe: publishing is
@@ -14,7 +15,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from shoal_common.bus import EventHandler, Poison
-from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted
+from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted, requester_publishes
 from shoal_publisher.publishing import Publishing
 
 E = TypeVar("E", ResultAccepted, ExecutionFailed)
@@ -33,7 +34,11 @@ def _handler(kind: type[E], apply: Callable[[str, E], Awaitable[None]]) -> Event
 
 
 def accepted_handler(publishing: Publishing) -> EventHandler:
-    return _handler(ResultAccepted, publishing.on_accepted)
+    async def publish(event_id: str, evt: ResultAccepted) -> None:
+        if not requester_publishes(evt.publisher.type):
+            await publishing.on_accepted(event_id, evt)
+
+    return _handler(ResultAccepted, publish)
 
 
 def failed_handler(publishing: Publishing) -> EventHandler:

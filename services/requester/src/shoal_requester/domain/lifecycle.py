@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shoal_common.spec import ExecutionStateType, JobStateType, RunOutput
+from shoal_common.events import noop_publication
+from shoal_common.spec import ExecutionStateType, JobStateType, RunOutput, to_wire
 from shoal_requester.domain.model import (
     HOLDS_CAPACITY,
     PROPOSING,
@@ -184,6 +185,39 @@ def on_result_published(
     if ex.result_cid is None and published.get("CID"):
         fields["result_cid"] = published["CID"]
     return advance(ex, steps, now=now, **fields)
+
+
+def settled_here(
+    update: ExecutionUpdate | None,
+    *,
+    job_id: str,
+    verify: bool,
+    publish: bool,
+    now: datetime,
+) -> ExecutionUpdate | None:
+    """Carry ``update`` on through the stages the requester settles itself (ADR 0017).
+
+    ``verify``: the job's verifier is noop, so a just-proposed result is accepted at once.
+    ``publish``: the job's publisher is noop, so a just-accepted result is recorded as
+    published under its CID. The history gets the same steps as when the verifier and the
+    publisher answered, written in the one commit that records the proposal.
+    """
+    if update is None or not update.steps:
+        return update  # only a fill-in of a late event's data: nothing was just reached
+    steps = list(update.steps)
+    ex = update.after
+    if verify and ex.state is ES.WAITING_VERIFICATION and ex.result_cid:
+        accepted = on_result_accepted(ex, result_cid=ex.result_cid, now=now)
+        if accepted is not None:
+            steps.extend(accepted.steps)
+            ex = accepted.after
+    if publish and ex.state is ES.RESULT_ACCEPTED and ex.result_cid:
+        publication = to_wire(noop_publication(job_id, ex.node_id, ex.result_cid))
+        published = on_result_published(ex, published=publication, now=now)
+        if published is not None:
+            steps.extend(published.steps)
+            ex = published.after
+    return ExecutionUpdate(update.before, ex, tuple(steps))
 
 
 def on_partial_publish_failed(

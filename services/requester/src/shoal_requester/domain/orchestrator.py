@@ -40,6 +40,8 @@ from shoal_common.events import (
     VerificationEscalated,
     VerificationFailed,
     new_id,
+    requester_publishes,
+    requester_verifies,
 )
 from shoal_common.protocol import AT_CAPACITY, AskBid, BidDecision, CancelExecution
 from shoal_common.spec import (
@@ -922,16 +924,26 @@ class Orchestrator:
         else:
             log.debug("event_ignored", type=event.type)
 
-    def _transition(self, ex: ExecutionRecord, event: Event) -> ExecutionUpdate | None:
+    def _transition(
+        self, job: JobRecord, ex: ExecutionRecord, event: Event
+    ) -> ExecutionUpdate | None:
         now = utcnow()
         max_out = self._settings.max_output_bytes
+        # Noop verification and noop publishing are settled here, from the job's own spec
+        # (what a node claims does not count), in the commit of the event (ADR 0017).
+        publisher = job.spec.effective_publisher
+        verify_here = requester_verifies(job.spec.effective_verifier, publisher)
+        publish_here = requester_publishes(publisher)
         if isinstance(event, ResultProposed):
-            return lifecycle.on_result_proposed(
+            proposed = lifecycle.on_result_proposed(
                 ex,
                 result_cid=event.result_cid,
                 run_output=event.run_output.model_dump(by_alias=True),
                 now=now,
                 max_output_bytes=max_out,
+            )
+            return lifecycle.settled_here(
+                proposed, job_id=job.id, verify=verify_here, publish=publish_here, now=now
             )
         if isinstance(event, ExecutionFailed):
             timed_out = event.timed_out
@@ -953,12 +965,15 @@ class Orchestrator:
             reason = f"cancelled by the node: {event.reason}" if event.reason else "cancelled"
             return lifecycle.end_execution(ex, ES.CANCELLED, reason, now=now)
         if isinstance(event, ResultAccepted):
-            return lifecycle.on_result_accepted(
+            accepted = lifecycle.on_result_accepted(
                 ex,
                 result_cid=event.result_cid,
                 now=now,
                 run_output=_output(event.run_output),
                 max_output_bytes=max_out,
+            )
+            return lifecycle.settled_here(
+                accepted, job_id=job.id, verify=False, publish=publish_here, now=now
             )
         if isinstance(event, ResultRejected):
             return lifecycle.on_result_rejected(
@@ -992,7 +1007,7 @@ class Orchestrator:
     ) -> None:
         await self._update_execution(
             event.execution_id,
-            lambda ex: self._transition(ex, event),
+            lambda job, ex: self._transition(job, ex, event),
             event_id=event_id,
             job_id=event.job_id,
         )
@@ -1010,7 +1025,7 @@ class Orchestrator:
         """Fail an execution whose acceptance did not get through, unless it moved on: any
         later state proves the node had it (B22: a result already accepted was failed)."""
 
-        def transition(current: ExecutionRecord) -> ExecutionUpdate | None:
+        def transition(_job: JobRecord, current: ExecutionRecord) -> ExecutionUpdate | None:
             if current.state is not ES.BID_ACCEPTED:
                 return None
             return lifecycle.end_execution(current, ES.FAILED, reason, now=utcnow())
@@ -1023,7 +1038,7 @@ class Orchestrator:
         """Fail an execution the requester gave up on (lost node, undelivered decision)."""
         await self._update_execution(
             execution_id,
-            lambda ex: lifecycle.end_execution(
+            lambda _job, ex: lifecycle.end_execution(
                 ex, ES.FAILED, reason, now=utcnow(), retryable=retryable
             ),
             event_id=None,
@@ -1032,7 +1047,7 @@ class Orchestrator:
     async def _update_execution(
         self,
         execution_id: str,
-        transition: Callable[[ExecutionRecord], ExecutionUpdate | None],
+        transition: Callable[[JobRecord, ExecutionRecord], ExecutionUpdate | None],
         *,
         event_id: str | None,
         job_id: str | None = None,
@@ -1050,7 +1065,7 @@ class Orchestrator:
                 if job is None or ex is None:
                     log.warning("unknown_execution", execution_id=execution_id, job_id=job_id)
                     return
-                update = transition(ex)
+                update = transition(job, ex)
                 if update is None:
                     return  # a duplicate or a late event: nothing changes
                 try:
@@ -1265,7 +1280,7 @@ class Orchestrator:
             ):
                 await self._update_execution(
                     ex.id,
-                    lambda e: lifecycle.end_execution(
+                    lambda _job, e: lifecycle.end_execution(
                         e, ES.ASK_FOR_BID_REJECTED, "no bid answer in time", now=utcnow()
                     ),
                     event_id=None,
