@@ -20,9 +20,16 @@ from shoal_common.events import (
     ExecutionFailed,
     PublishFailed,
     ResultAccepted,
+    ResultProposed,
     ResultPublished,
 )
-from shoal_common.spec import PublisherSpec, PublisherType, RunOutput, StorageSourceType
+from shoal_common.spec import (
+    PublisherSpec,
+    PublisherType,
+    RunOutput,
+    StorageSourceType,
+    VerifierType,
+)
 from shoal_common.testing import wait_for
 from shoal_publisher.adapters.fetch import HttpResultFetcher, StaticResultFetcher
 from shoal_publisher.adapters.kubo import AioipfsKubo, FakeKubo
@@ -81,11 +88,12 @@ class Rig:
 
         return await wait_for(probe, timeout=15)
 
-    async def settle(self) -> None:
+    async def settle(self, handled: int | None = None) -> None:
+        """Until ``handled`` events (default: all emitted) are recorded and relayed."""
+        wanted = self.emitted if handled is None else handled
+
         async def probe() -> bool:
-            return (
-                self.store.processed_count() >= self.emitted and await self.store.outbox_size() == 0
-            )
+            return self.store.processed_count() >= wanted and await self.store.outbox_size() == 0
 
         await wait_for(probe, timeout=15)
 
@@ -164,6 +172,52 @@ async def test_noop_records_a_partial_results_cid(tmp_path: Path) -> None:
         record = await rig.store.find_publication("e1")
         assert record is not None
         assert record.status.value == "published"
+
+
+def _proposal(
+    execution_id: str,
+    cid: str,
+    *,
+    verifier: VerifierType = VerifierType.NOOP,
+    kind: PublisherType = PublisherType.LOCAL,
+) -> ResultProposed:
+    return ResultProposed(
+        job_id="job-1",
+        execution_id=execution_id,
+        node_id=f"node-{execution_id}",
+        result_cid=cid,
+        run_output=RunOutput(stdout="42\n"),
+        verifier=verifier,
+        publisher=PublisherSpec(Type=kind),
+        result_url="http://node/r",
+    )
+
+
+async def test_a_noop_verified_result_is_published_from_its_proposal(
+    tmp_path: Path, results: Path
+) -> None:
+    """ADR 0017: no verifier decision to wait for; marked unverified, so the requester counts
+    it only for a job whose own verifier is noop."""
+    cid = cid_of_path(results)
+    fetcher = StaticResultFetcher({"http://node/r": results})
+    async for rig in _rig(tmp_path, fetcher=fetcher):
+        await rig.emit(_proposal("det", cid, verifier=VerifierType.DETERMINISTIC))
+        await rig.emit(_proposal("noop", cid, kind=PublisherType.NOOP))
+        await rig.emit(_proposal("e1", cid))
+        outcomes = await rig.wait(1)
+        assert set(outcomes) == {"e1"}  # the others came first on the same consumer
+        published = outcomes["e1"]
+        assert isinstance(published, ResultPublished), published
+        assert published.unverified
+        assert not published.partial
+        assert published.result.cid == cid
+        assert rig.service.content.has(cid)
+        # The same result accepted by a verifier later (a node's claim disagreed with the
+        # job) changes nothing: one publication per execution.
+        await rig.emit(rig.accepted("e1", cid, url="http://node/r"))
+
+        await rig.settle(handled=2)  # e1's proposal and acceptance; the others are ignored
+        assert len([e for e in rig.bus.published if e.type == ResultPublished.type]) == 1
 
 
 # --- local --------------------------------------------------------------------------------------

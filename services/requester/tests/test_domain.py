@@ -187,16 +187,41 @@ async def test_a_noop_job_completes_with_no_verifier_or_publisher_running() -> N
         assert ex.published["CID"] == ex.result_cid
         news = [r.new for r in await h.history(noop_job) if r.execution_id]
         assert news[-3:] == ["WaitingVerification", "ResultAccepted", "Completed"]
-        # The job's own spec decides, not the node: a Local-published job waits for the
-        # verifier and the publisher.
+        # A Local-published job is accepted here and waits for its publisher.
         local_job = await h.submit(make_spec(PublisherSpec={"Type": "Local"}))
 
-        async def proposed() -> bool:
+        async def accepted() -> bool:
             execs = await h.executions(local_job)
-            return bool(execs) and execs[0].state is ES.WAITING_VERIFICATION
+            return bool(execs) and execs[0].state is ES.RESULT_ACCEPTED
 
-        await wait_for(proposed)
+        await wait_for(accepted)
         assert (await h.service.store.get_job(local_job)).state is JobStateType.IN_PROGRESS
+
+
+@pytest.mark.parametrize("verifier", ["Noop", "Deterministic"])
+async def test_an_unverified_publication_counts_only_for_a_noop_verified_job(
+    verifier: str,
+) -> None:
+    """ADR 0017: the publisher publishes a result whose proposal claims noop verification; the
+    job's own spec decides whether that publication completes the execution."""
+    async with harness(verifier=False) as h:
+        await h.node("n", run="hang")
+        job_id = await h.submit(make_spec(Verifier=verifier, PublisherSpec={"Type": "Local"}))
+        [ex] = await _wait_running(h, job_id)
+        published = ResultPublished(
+            job_id=job_id,
+            execution_id=ex.id,
+            node_id="n",
+            result=StorageSpec(CID="Qm1"),
+            unverified=True,
+        )
+        await h.service.orchestrator.handle_event(published, event_id=Envelope.wrap(published).id)
+        [after] = await h.executions(job_id)
+        if verifier == "Noop":
+            assert after.state is ES.COMPLETED
+            assert (await h.wait_state(job_id)).state is JobStateType.COMPLETED
+        else:
+            assert after.state is ES.BID_ACCEPTED  # the node's claim did not count
 
 
 def test_28_decisions_on_unknown_or_finished_executions_change_nothing() -> None:

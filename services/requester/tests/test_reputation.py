@@ -148,9 +148,9 @@ async def test_rejected_results_flag_the_node_and_it_is_chosen_less() -> None:
             await h.node(node_id)
         chosen: Counter[str] = Counter()
         for _ in range(REPUTATION_JOBS):
-            # A Local publisher: a noop-published job's result the requester settles itself
-            # (ADR 0017); this one waits for the (fake) verifier's decision.
-            job_id = await h.submit(make_spec(PublisherSpec={"Type": "Local"}))
+            # A deterministic verifier: the requester accepts noop-verified results itself
+            # (ADR 0017); this job waits for the (fake) verifier's decision.
+            job_id = await h.submit(make_spec(Verifier="Deterministic"))
             job = await h.wait_state(job_id)
             [execution] = await h.executions(job_id)  # the node ranked first for this job
             chosen[execution.node_id] += 1

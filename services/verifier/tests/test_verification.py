@@ -69,6 +69,15 @@ class Harness:
             )
         )
 
+    async def planned(self) -> None:
+        """Until the verifier holds the plan: plans and proposals travel on different streams,
+        and an open noop proposal of a job it has no plan for is not its to decide (ADR 0017)."""
+
+        async def probe() -> bool:
+            return await self.service.store.find_job(self.job_id) is not None
+
+        await wait_for(probe, timeout=5)
+
     def proposal(
         self,
         execution_id: str,
@@ -181,6 +190,7 @@ def _rejected(decisions: dict[str, tuple[str, str]]) -> set[str]:
 
 async def test_noop_accepts_each_proposal_at_once(h: Harness) -> None:
     await h.plan(2, verifier=VerifierType.NOOP)
+    await h.planned()
     await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
     (accepted,) = await h.wait_event(ResultAccepted)
     assert accepted.execution_id == "e1"
@@ -192,24 +202,23 @@ async def test_noop_accepts_each_proposal_at_once(h: Harness) -> None:
     assert _accepted(decisions) == {"e1", "e2"}
 
 
-async def test_noop_proposals_published_by_noop_are_left_to_the_requester(h: Harness) -> None:
-    """ADR 0017: the requester accepts and publishes these itself; a decision here would only
-    race it. The proposal after them on the same stream is still decided."""
-    await h.propose(
-        "e1", GOOD, seal=False, verifier=VerifierType.NOOP, publisher=PublisherType.NOOP
-    )
+async def test_noop_proposals_are_left_to_the_requester(h: Harness) -> None:
+    """ADR 0017: the requester accepts noop-verified results itself and the publisher takes
+    them from the node; a decision here would only race them. Only a job the requester planned
+    (which it does for stricter verifiers only; this test plans a noop one) is decided here."""
+    await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
+    h.job_id = "job-2"
+    await h.plan(1, verifier=VerifierType.NOOP)
+    await h.planned()
     await h.propose("e2", GOOD, seal=False, verifier=VerifierType.NOOP)
     assert set(await h.wait_decided(1)) == {"e2"}
-    assert [p.execution_id for p in await h.service.store.list_proposals(h.job_id)] == ["e2"]
-
-
-async def test_noop_without_a_plan_accepts_too(h: Harness) -> None:
-    await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
-    assert _accepted(await h.wait_decided(1)) == {"e1"}
+    assert await h.service.store.list_proposals("job-1") == []
+    assert await h.service.store.find_job("job-1") is None
 
 
 async def test_first_proposal_of_an_unknown_job_is_stored_with_its_verdict(h: Harness) -> None:
-    await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
+    # Sealed: an open noop proposal of an unplanned job is the requester's (ADR 0017).
+    await h.propose("e1", GOOD, verifier=VerifierType.NOOP)
     await h.wait_decided(1)
     (stored,) = await h.service.store.list_proposals(h.job_id)
     assert stored.status is ProposalStatus.ACCEPTED
@@ -498,6 +507,7 @@ async def test_plan_arriving_after_proposals_triggers_the_decision(h: Harness) -
 
 async def test_same_envelope_twice_makes_one_decision(h: Harness) -> None:
     await h.plan(1, verifier=VerifierType.NOOP)
+    await h.planned()
     envelope = Envelope.wrap(h.proposal("e1", GOOD, verifier=VerifierType.NOOP))
     coordinator = h.service.coordinator
     assert coordinator is not None
@@ -520,5 +530,6 @@ async def test_undecodable_event_is_dropped(h: Harness) -> None:
     bogus = Envelope(type=ResultProposed.type, producer="compute", data={"job_id": "j"})
     await h.bus.publish_event(bogus)
     await h.plan(1, verifier=VerifierType.NOOP)
+    await h.planned()
     await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
     assert _accepted(await h.wait_decided(1)) == {"e1"}

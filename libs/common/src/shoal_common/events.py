@@ -40,20 +40,28 @@ def new_id() -> str:
 
 
 # --- which service settles a result (ADR 0017) -------------------------------------------------
-# Noop verification and noop publishing decide nothing: the requester applies them itself, in
-# the transaction that records the result, instead of a round trip through the verifier and the
-# publisher (two JetStream hops, two commits in each of two services). The verifier and the
-# publisher leave such events alone by the same rules, applied to what the event says.
+# Noop verification and noop publishing decide nothing. The requester applies them itself, in the
+# transaction that records the result, and a noop-verified result goes from the node straight to
+# its publisher: no round trip through the verifier (and none through the publisher for the noop
+# publisher). The verifier and the publisher pick their events by the same rules, applied to
+# what the event says; the requester applies them to the job's own spec.
 
 
-def requester_verifies(verifier: VerifierType | None, publisher: PublisherType | None) -> bool:
-    """A proposal of a noop-verified, noop-published job needs neither verifier nor publisher."""
-    return (verifier or VerifierType.NOOP) is VerifierType.NOOP and requester_publishes(publisher)
+def requester_verifies(verifier: VerifierType | None) -> bool:
+    """A noop-verified proposal is accepted by the requester, not the verifier."""
+    return (verifier or VerifierType.NOOP) is VerifierType.NOOP
 
 
 def requester_publishes(publisher: PublisherType | None) -> bool:
     """An accepted result of a noop-published job needs no publisher (``None`` means Local)."""
     return publisher is PublisherType.NOOP
+
+
+def publisher_takes_proposal(
+    verifier: VerifierType | None, publisher: PublisherType | None
+) -> bool:
+    """A noop-verified result with a real publisher is published straight from its proposal."""
+    return requester_verifies(verifier) and not requester_publishes(publisher)
 
 
 def published_name(job_id: str, node_id: str) -> str:
@@ -248,6 +256,9 @@ class ResultPublished(Event):
     # The result of a failed run (what it wrote before it failed, ``ExecutionFailed``): it
     # makes the results downloadable, never the execution completed.
     partial: bool = False
+    # Published straight from a proposal that claimed noop verification (ADR 0017), with no
+    # verifier's decision: it counts only for a job whose own verifier is noop.
+    unverified: bool = False
 
 
 class PublishFailed(Event):
@@ -259,6 +270,7 @@ class PublishFailed(Event):
     error: str
     # A failed run's partial result could not be published (the execution stays failed).
     partial: bool = False
+    unverified: bool = False  # as in ResultPublished
 
 
 # --- requester -> verifier -----------------------------------------------------------------------

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from shoal_common.events import ExecutionFailed, PublishFailed, ResultAccepted, ResultPublished
+from shoal_common.events import (
+    ExecutionFailed,
+    PublishFailed,
+    ResultAccepted,
+    ResultProposed,
+    ResultPublished,
+)
 from shoal_common.spec import PublisherSpec, PublisherType, RunOutput, StorageSpec
 from shoal_publisher import metrics
 from shoal_publisher.domain.models import (
@@ -48,9 +54,16 @@ class _Result:
     publisher: PublisherSpec
     partial: bool = False
     run_output: RunOutput | None = None
+    unverified: bool = False  # straight from a noop-verified proposal (ADR 0017)
 
     @classmethod
-    def of(cls, evt: ResultAccepted | ExecutionFailed, *, partial: bool) -> _Result:
+    def of(
+        cls,
+        evt: ResultAccepted | ExecutionFailed | ResultProposed,
+        *,
+        partial: bool,
+        unverified: bool = False,
+    ) -> _Result:
         return cls(
             evt.job_id,
             evt.execution_id,
@@ -60,6 +73,7 @@ class _Result:
             evt.publisher,
             partial,
             evt.run_output,
+            unverified,
         )
 
 
@@ -93,6 +107,11 @@ class Publishing:
     async def on_accepted(self, event_id: str, evt: ResultAccepted) -> None:
         """Publish one accepted result (idempotent on ``event_id`` and on the execution)."""
         await self._handle(event_id, _Result.of(evt, partial=False))
+
+    async def on_proposed(self, event_id: str, evt: ResultProposed) -> None:
+        """Publish a noop-verified result straight from its proposal (ADR 0017): there is no
+        decision to wait for, and the requester counts it only for a noop-verified job."""
+        await self._handle(event_id, _Result.of(evt, partial=False, unverified=True))
 
     async def on_failed(self, event_id: str, evt: ExecutionFailed) -> None:
         """Publish what a failed run wrote, if the node addressed it (else nothing to do)."""
@@ -166,6 +185,7 @@ class Publishing:
                         node_id=evt.node_id,
                         result=spec,
                         partial=evt.partial,
+                        unverified=evt.unverified,
                     )
                 )
             else:
@@ -176,6 +196,7 @@ class Publishing:
                         node_id=evt.node_id,
                         error=error,
                         partial=evt.partial,
+                        unverified=evt.unverified,
                     )
                 )
         self._on_commit()

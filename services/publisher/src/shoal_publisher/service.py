@@ -11,7 +11,7 @@ from shoal_common import tracing
 from shoal_common.bus import Bus, EventHandler, NatsBus
 from shoal_common.content_store import ContentStore
 from shoal_common.errors import Unavailable
-from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted
+from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted, ResultProposed
 from shoal_common.spec import PublisherType
 from shoal_common.subjects import Producer
 from shoal_publisher.adapters.content import AsyncContentStore
@@ -26,7 +26,7 @@ from shoal_publisher.domain.publishers import (
     NoopPublisher,
     Publisher,
 )
-from shoal_publisher.handlers.events import accepted_handler, failed_handler
+from shoal_publisher.handlers.events import accepted_handler, failed_handler, proposed_handler
 from shoal_publisher.publishing import Publishing
 from shoal_publisher.settings import PublisherSettings
 from shoal_publisher.store.base import PublisherStore, Relay
@@ -153,6 +153,16 @@ class PublisherService:
                 "publisher", self._guard(failed_handler(self.publishing))
             ),
             event_types=[ExecutionFailed.type],
+        )
+        # Noop-verified results, straight from the node (ADR 0017): a durable of their own, so
+        # the partial-results consumer above keeps its filter across upgrades.
+        await self.bus.consume_events(
+            producer=Producer.COMPUTE,
+            durable=f"{s.durable_name}-proposals",
+            handler=tracing.traced_handler(
+                "publisher", self._guard(proposed_handler(self.publishing))
+            ),
+            event_types=[ResultProposed.type],
         )
         log.info("publisher_started", content=str(s.content_root), url=s.base_url)
 

@@ -25,6 +25,7 @@ from shoal_common.events import (
     ResultRejected,
     VerificationEscalated,
     VerificationFailed,
+    requester_verifies,
 )
 from shoal_common.spec import PublisherSpec, RunOutput, VerifierType
 from shoal_verifier import metrics
@@ -90,6 +91,15 @@ class Coordinator:
 
     async def on_proposed(self, event_id: str, evt: ResultProposed) -> None:
         """A compute node proposed a result (sealed for deterministic jobs)."""
+        if (
+            requester_verifies(evt.verifier)
+            and not is_sealed(evt)
+            and await self._store.find_job(evt.job_id) is None
+        ):
+            # Noop verification is settled by the requester, from the job's own spec, and the
+            # result goes straight to its publisher (ADR 0017). A job the requester planned
+            # (a stricter verifier) still takes the proposal below: a claim cannot downgrade it.
+            return
         async with self._locks.hold(evt.job_id), self._store.transaction() as tx:
             if not await tx.mark_processed(event_id):
                 return

@@ -1,6 +1,7 @@
-"""Consumers of ``ResultAccepted`` (verifier stream) and ``ExecutionFailed`` (compute stream,
-for partial results), both under the durable name ``publisher``. An accepted result for the
-noop publisher is the requester's to record (ADR 0017): it is acked and left alone.
+"""Consumers of ``ResultAccepted`` (verifier stream), ``ExecutionFailed`` (compute stream, for
+partial results) and ``ResultProposed`` (compute stream: noop-verified results, published with
+no verifier decision to wait for, ADR 0017). An accepted result for the noop publisher is the
+requester's to record (ADR 0017): it is acked and left alone.
 
 Returning acks; :class:`~shoal_common.bus.Poison` drops an unreadable message; any other
 exception (a database hiccup) makes the bus redeliver it, which is safe: publishing is
@@ -15,10 +16,17 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from shoal_common.bus import EventHandler, Poison
-from shoal_common.events import Envelope, ExecutionFailed, ResultAccepted, requester_publishes
+from shoal_common.events import (
+    Envelope,
+    ExecutionFailed,
+    ResultAccepted,
+    ResultProposed,
+    publisher_takes_proposal,
+    requester_publishes,
+)
 from shoal_publisher.publishing import Publishing
 
-E = TypeVar("E", ResultAccepted, ExecutionFailed)
+E = TypeVar("E", ResultAccepted, ExecutionFailed, ResultProposed)
 
 
 def _handler(kind: type[E], apply: Callable[[str, E], Awaitable[None]]) -> EventHandler:
@@ -44,3 +52,14 @@ def accepted_handler(publishing: Publishing) -> EventHandler:
 def failed_handler(publishing: Publishing) -> EventHandler:
     """``ExecutionFailed`` with a partial result: publish what the run wrote (behaviour 11)."""
     return _handler(ExecutionFailed, publishing.on_failed)
+
+
+def proposed_handler(publishing: Publishing) -> EventHandler:
+    """``ResultProposed`` of a noop-verified job with a real publisher: publish it now."""
+
+    async def publish(event_id: str, evt: ResultProposed) -> None:
+        claimed = evt.publisher.type
+        if publisher_takes_proposal(evt.verifier, claimed) and evt.result_cid:
+            await publishing.on_proposed(event_id, evt)
+
+    return _handler(ResultProposed, publish)

@@ -931,9 +931,14 @@ class Orchestrator:
         max_out = self._settings.max_output_bytes
         # Noop verification and noop publishing are settled here, from the job's own spec
         # (what a node claims does not count), in the commit of the event (ADR 0017).
-        publisher = job.spec.effective_publisher
-        verify_here = requester_verifies(job.spec.effective_verifier, publisher)
-        publish_here = requester_publishes(publisher)
+        verify_here = requester_verifies(job.spec.effective_verifier)
+        publish_here = requester_publishes(job.spec.effective_publisher)
+        unverified = isinstance(event, ResultPublished | PublishFailed) and event.unverified
+        if unverified and not verify_here:
+            # Published from a proposal that claimed noop verification, for a job that has a
+            # verifier: the node's claim does not count (ADR 0017).
+            log.warning("unverified_publication_ignored", execution_id=ex.id, node_id=ex.node_id)
+            return None
         if isinstance(event, ResultProposed):
             proposed = lifecycle.on_result_proposed(
                 ex,
@@ -1383,10 +1388,14 @@ def _observe_stages(changes: Changes, queue_timeout: float) -> None:
     for eu in changes.executions:
         if eu.before is None or not eu.steps:
             continue
-        stage = _STAGE_OF.get(eu.before.state)
-        if stage is not None:
-            spent = (eu.after.updated - eu.before.updated).total_seconds()
-            metrics.JOB_STAGE.labels(stage=stage).observe(max(0.0, spent))
+        spent = max(0.0, (eu.after.updated - eu.before.updated).total_seconds())
+        # States passed through within this change (a noop result settled in the commit of its
+        # proposal, ADR 0017) are stages left at once: observed, with no time spent.
+        passed = [eu.before.state, *(state for state, _ in eu.steps[:-1])]
+        for i, state in enumerate(passed):
+            stage = _STAGE_OF.get(state)
+            if stage is not None:
+                metrics.JOB_STAGE.labels(stage=stage).observe(spent if i == 0 else 0.0)
     for ju in changes.jobs:
         if ju.before.state is JS.QUEUED and ju.after.state is not JS.QUEUED:
             deadline = ju.before.queue_deadline

@@ -2,8 +2,7 @@
 
 A handler that returns acks; :class:`~shoal_common.bus.Poison` drops an undecodable message;
 any other exception (a lost compare-and-set, a database hiccup) makes the bus redeliver it,
-which is safe because the coordinator is idempotent on the envelope id. A proposal of a
-noop-verified, noop-published job is the requester's to settle (ADR 0017): acked, left alone.
+which is safe because the coordinator is idempotent on the envelope id.
 """
 
 from __future__ import annotations
@@ -11,13 +10,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from shoal_common.bus import EventHandler, Poison
-from shoal_common.events import (
-    Envelope,
-    Event,
-    ExecutionsPlanned,
-    ResultProposed,
-    requester_verifies,
-)
+from shoal_common.events import Envelope, Event, ExecutionsPlanned, ResultProposed
 from shoal_verifier.coordinator import Coordinator
 
 
@@ -31,9 +24,7 @@ def _parse(envelope: Envelope) -> Event:
 def proposals_handler(coordinator: Coordinator) -> EventHandler:
     async def handle(envelope: Envelope) -> None:
         evt = _parse(envelope)
-        if isinstance(evt, ResultProposed) and not requester_verifies(
-            evt.verifier, evt.publisher.type
-        ):
+        if isinstance(evt, ResultProposed):
             await coordinator.on_proposed(envelope.id, evt)
 
     return handle
