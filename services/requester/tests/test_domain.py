@@ -117,12 +117,16 @@ def _proposed(ex: Any, now: Any) -> Any:
     )
 
 
+def _settled_proposal(ex: Any, now: Any, *, verify: bool, publish: bool, job: str = "j") -> Any:
+    return lifecycle.settled_here(
+        _proposed(ex, now), job_id=job, verify=verify, publish=publish, now=now
+    )
+
+
 def test_a_noop_result_is_accepted_and_published_in_the_update_of_its_proposal() -> None:
     ex = _running()
     now = utcnow()
-    update = lifecycle.settled_here(
-        _proposed(ex, now), job_id="job-9", verify=True, publish=True, now=now
-    )
+    update = _settled_proposal(ex, now, verify=True, publish=True, job="job-9")
     assert update is not None
     assert update.before is ex
     assert [s for s, _ in update.steps] == [
@@ -147,9 +151,7 @@ def test_only_the_noop_stages_are_settled_here() -> None:
     ex = _running()
     now = utcnow()
     # Deterministic verification, noop publisher: the proposal waits for the verifier...
-    waiting = lifecycle.settled_here(
-        _proposed(ex, now), job_id="j", verify=False, publish=True, now=now
-    )
+    waiting = _settled_proposal(ex, now, verify=False, publish=True)
     assert waiting is not None
     assert waiting.after.state is ES.WAITING_VERIFICATION
     # ... whose acceptance is then published here.
@@ -158,19 +160,11 @@ def test_only_the_noop_stages_are_settled_here() -> None:
     assert done is not None
     assert [s for s, _ in done.steps] == [ES.RESULT_ACCEPTED, ES.COMPLETED]
     # A real publisher: acceptance is as far as the requester goes.
-    kept = lifecycle.settled_here(
-        _proposed(ex, now), job_id="j", verify=True, publish=False, now=now
-    )
+    kept = _settled_proposal(ex, now, verify=True, publish=False)
     assert kept is not None
     assert kept.after.state is ES.RESULT_ACCEPTED
     # A late event that only fills in data settles nothing (it reached no stage).
-    late = lifecycle.on_result_proposed(
-        waiting.after.evolve(run_output=None),
-        result_cid="Qm1",
-        run_output={"stdout": "hi"},
-        now=now,
-        max_output_bytes=10,
-    )
+    late = _proposed(waiting.after.evolve(run_output=None), now)
     assert late is not None
     assert late.steps == ()
     assert lifecycle.settled_here(late, job_id="j", verify=True, publish=True, now=now) is late
