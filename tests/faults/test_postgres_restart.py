@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from shoal_client.client import ShoalClientError
 from shoal_common.db import DATABASE_UNAVAILABLE, create_engine
+from shoal_common.testing import wait_for
 from tests.faults.cluster import FaultCluster, completed_executions, noop_spec, wait_all_terminal
 from tests.faults.postgres import PrivatePostgres, private_postgres
 
@@ -83,7 +84,18 @@ def test_a_query_cut_by_a_crash_is_database_unavailable(postgres: PrivatePostgre
         try:
             async with engine.connect() as conn:
                 query = asyncio.ensure_future(conn.execute(text("SELECT pg_sleep(30)")))
-                await asyncio.sleep(0.3)
+
+                async def running() -> bool:
+                    async with engine.connect() as watcher:
+                        active = await watcher.execute(
+                            text(
+                                "SELECT count(*) FROM pg_stat_activity "
+                                "WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'"
+                            )
+                        )
+                        return bool(active.scalar())
+
+                await wait_for(running)  # the query is on the server: the crash cuts it
                 await asyncio.to_thread(postgres.crash)
                 try:
                     await query

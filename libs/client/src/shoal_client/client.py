@@ -124,19 +124,16 @@ class ShoalClient:
         """One JSON call. A dropped connection (most often a kept-alive one the server closed
         just as the request went out) is tried once more: every call made here is a read, or
         a signed submit, whose resend the requester answers with the same job."""
-        for attempt in (1, 2):
+        try:
             try:
                 resp = self._http.request(method, path, **request)
-            except (httpx.TimeoutException, httpx.UnsupportedProtocol) as exc:
-                raise self._unreachable(exc) from exc
-            except httpx.TransportError as exc:
-                if attempt == 2:
-                    raise self._unreachable(exc) from exc
-                continue
-            except httpx.HTTPError as exc:
-                raise self._unreachable(exc) from exc
-            return self._check(resp).json()
-        raise AssertionError("unreachable")  # pragma: no cover
+            except (httpx.TimeoutException, httpx.UnsupportedProtocol):
+                raise
+            except httpx.TransportError:
+                resp = self._http.request(method, path, **request)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._check(resp).json()
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         return self._send("POST", path, content=orjson.dumps(body), headers=_JSON)

@@ -58,8 +58,7 @@ def proposed_handler(publishing: Publishing) -> EventHandler:
     """``ResultProposed`` of a noop-verified job with a real publisher: publish it now."""
 
     async def publish(event_id: str, evt: ResultProposed) -> None:
-        claimed = evt.publisher.type
-        if publisher_takes_proposal(evt.verifier, claimed) and evt.result_cid:
+        if publisher_takes_proposal(evt.verifier, evt.publisher.type) and evt.result_cid:
             await publishing.on_proposed(event_id, evt)
 
     return _handler(ResultProposed, publish)

@@ -14,6 +14,7 @@ above one that satisfies fewer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -90,19 +91,11 @@ class Requirements:
     fit_key: int = field(default_factory=lambda: next(_FIT_KEY_IDS), compare=False)
 
 
-# What misfit reads of a job's requirements -> its fit_key. Numbers are never reused, so clearing
-# this only costs the nodes' remembered verdicts a recomputation.
-_FIT_KEYS: dict[tuple[object, ...], int] = {}
-_FIT_KEYS_KEPT = 4096
-
-
+@functools.lru_cache(maxsize=4096)
 def fit_key(parts: tuple[object, ...]) -> int:
-    key = _FIT_KEYS.get(parts)
-    if key is None:
-        if len(_FIT_KEYS) >= _FIT_KEYS_KEPT:
-            _FIT_KEYS.clear()
-        key = _FIT_KEYS[parts] = next(_FIT_KEY_IDS)
-    return key
+    """What misfit reads of a job's requirements -> its fit_key. Numbers are never reused, so
+    an eviction only costs the nodes' remembered verdicts a recomputation."""
+    return next(_FIT_KEY_IDS)
 
 
 def storage_specs(spec: Spec) -> list[StorageSpec]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import operator
 import sqlite3
 import time
@@ -410,17 +411,9 @@ def _sqlite_statement(stmt: Any, keys: tuple[str, ...]) -> _SqliteStatement:
 # The stored text of recent datetimes: one transition binds the same ``now`` several times
 # (updated, created, every history row's time), and a group commit holds many transitions.
 # Equal datetimes (the same instant, in any zone) have the same text.
-_DATETIME_TEXT: dict[datetime, str] = {}
-_DATETIME_TEXT_MAX = 1024
-
-
+@functools.lru_cache(maxsize=1024)
 def _datetime_text(value: datetime) -> str:
-    text = _DATETIME_TEXT.get(value)
-    if text is None:
-        if len(_DATETIME_TEXT) >= _DATETIME_TEXT_MAX:
-            _DATETIME_TEXT.clear()
-        text = _DATETIME_TEXT[value] = _sqlite_datetime(value)
-    return text
+    return _sqlite_datetime(value)
 
 
 def _sqlite_params(statement: _SqliteStatement, row: Mapping[str, Any]) -> Sequence[Any]:
