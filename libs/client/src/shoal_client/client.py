@@ -2,12 +2,15 @@
 
 It speaks the same legacy endpoints as Bacalhau's SDK (signed submit/cancel/logs), plus Shoal's
 own endpoints for job details, nodes, content upload/download and the event stream.
+
+The job methods come in two forms: typed (``submit``, ``state``, ``wait``: pydantic models from
+shoal_common.spec) and wire (``submit_wire``, ``state_wire``, ``wait_wire``: the JSON dicts as
+sent and received). The CLI's job verbs use the wire form, so they never import pydantic.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import tempfile
 import time
@@ -15,50 +18,43 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from shoal_client import download
 from shoal_client.auth import RequestAuth, sign_from_env, token_from_env
+from shoal_client.base import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ShoalClientError,
+    api_base_url,
+    shoal_dir,
+    short_id,
+)
 from shoal_common.cid import cid_of_path
 from shoal_common.signing import ClientKey, sign_envelope
-from shoal_common.spec import (
-    API_VERSION,
-    Job,
-    JobHistory,
-    JobState,
-    JobStateType,
-    Spec,
-    StorageSpec,
-    to_wire,
-)
+from shoal_common.wire_enums import API_VERSION, JobStateType
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 1234
+if TYPE_CHECKING:
+    from shoal_common.spec import Job, JobHistory, JobState, Spec, StorageSpec
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "JobDetails",
+    "Progress",
+    "ShoalClient",
+    "ShoalClientError",
+    "api_base_url",
+    "is_terminal",
+    "shoal_dir",
+    "short_id",
+    "storage_for_results",
+]
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
-
-
-class ShoalClientError(Exception):
-    """The requester refused a request; ``status`` is the HTTP status, ``message`` says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{message} (HTTP {status})" if status else message)
-        self.status = status
-        self.message = message
-
-
-def shoal_dir() -> Path:
-    return Path(os.environ.get("SHOAL_DIR") or Path.home() / ".shoal")
-
-
-def api_base_url(host: str | None = None, port: int | None = None) -> str:
-    host = host or os.environ.get("SHOAL_API_HOST") or DEFAULT_HOST
-    port = port or int(os.environ.get("SHOAL_API_PORT") or DEFAULT_PORT)
-    scheme = "https" if os.environ.get("SHOAL_HTTPS") else "http"
-    return f"{scheme}://{host}:{port}"
 
 
 @dataclass
@@ -149,22 +145,37 @@ class ShoalClient:
 
     def submit(self, spec: Spec) -> Job:
         """Submit a job; returns it with its id. The request is signed with the client key."""
+        from shoal_common.spec import Job, to_wire
+
+        return Job.model_validate(self.submit_wire(to_wire(spec)))
+
+    def submit_wire(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``submit`` for a Spec already in wire form; returns the Job in wire form."""
         payload = {
             "APIVersion": API_VERSION,
             "ClientID": self.client_id,
             # A replayed signed submit returns the original job (replay protection), and RSA
             # PKCS#1 v1.5 signatures are deterministic: a fresh nonce makes each call a new job.
             "Nonce": uuid.uuid4().hex,
-            "Spec": to_wire(spec),
+            "Spec": spec,
         }
-        answer = self._post_signed("/requester/submit", payload)
-        return Job.model_validate(answer["job"])
+        job: dict[str, Any] = self._post_signed("/requester/submit", payload)["job"]
+        return job
 
     def state(self, job_id: str) -> JobState:
+        from shoal_common.spec import JobState
+
+        return JobState.model_validate(self.state_wire(job_id))
+
+    def state_wire(self, job_id: str) -> dict[str, Any]:
+        """A job's JobState in wire form (``State``, ``Version``, ``Executions``, ...)."""
         answer = self._post("/requester/states", {"client_id": self.client_id, "job_id": job_id})
-        return JobState.model_validate(answer["state"])
+        state: dict[str, Any] = answer["state"]
+        return state
 
     def events(self, job_id: str) -> list[JobHistory]:
+        from shoal_common.spec import JobHistory
+
         answer = self._post("/requester/events", {"client_id": self.client_id, "job_id": job_id})
         return [JobHistory.model_validate(e) for e in answer.get("events") or []]
 
@@ -198,6 +209,8 @@ class ShoalClient:
         return jobs
 
     def describe(self, job_id: str) -> JobDetails:
+        from shoal_common.spec import Job, JobHistory, JobState
+
         answer = self._get(f"/api/v1/jobs/{job_id}")
         return JobDetails(
             job=Job.model_validate(answer["Job"]),
@@ -206,6 +219,8 @@ class ShoalClient:
         )
 
     def cancel(self, job_id: str, reason: str = "cancelled by the user") -> JobState:
+        from shoal_common.spec import JobState
+
         payload = {"ClientID": self.client_id, "JobID": job_id, "Reason": reason}
         return JobState.model_validate(self._post_signed("/requester/cancel", payload)["state"])
 
@@ -217,17 +232,35 @@ class ShoalClient:
         on_change: Callable[[JobState], None] | None = None,
     ) -> JobState:
         """Poll until the job is terminal (short intervals first: most jobs are quick)."""
+        from shoal_common.spec import JobState
+
+        def changed(state: dict[str, Any]) -> None:
+            if on_change is not None:
+                on_change(JobState.model_validate(state))
+
+        return JobState.model_validate(self.wait_wire(job_id, timeout=timeout, on_change=changed))
+
+    def wait_wire(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """``wait`` with the JobState in wire form."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay, last = 0.005, None
+        delay, last_version = 0.005, None
         while True:
-            state = self.state(job_id)
-            if on_change and (last is None or state.version != last.version):
+            state = self.state_wire(job_id)
+            version = state.get("Version", 0)
+            if on_change and version != last_version:
                 on_change(state)
-            last = state
-            if state.state.terminal:
+            last_version = version
+            status = JobStateType(state["State"])
+            if status.terminal:
                 return state
             if deadline is not None and time.monotonic() > deadline:
-                raise ShoalClientError(0, f"job {job_id} still {state.state} after {timeout}s")
+                raise ShoalClientError(0, f"job {job_id} still {status} after {timeout}s")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -348,15 +381,11 @@ def _error_text(resp: httpx.Response) -> str:
     return resp.text.strip()
 
 
-def short_id(job_id: str) -> str:
-    """Eight characters that tell jobs apart: the random end of the time-ordered id (its start
-    is a timestamp, shared by every job of the same minute)."""
-    return job_id.replace("-", "")[-8:]
-
-
 def is_terminal(state: JobStateType) -> bool:
     return state.terminal
 
 
 def storage_for_results(results: list[dict[str, Any]]) -> list[StorageSpec]:
+    from shoal_common.spec import StorageSpec
+
     return [StorageSpec.model_validate(r.get("Data") or {}) for r in results]
