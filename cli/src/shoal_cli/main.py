@@ -1,36 +1,76 @@
-"""The ``shoal`` command: client verbs (the reference system's names and flags), serve, devstack."""
+"""The ``shoal`` command: client verbs (the reference system's names and flags), serve, devstack.
+
+Start-up time matters here (``shoal run python -c ...`` is a command people wait on), so this
+module and the command modules it loads import only click and the standard library at the top:
+rich, yaml, httpx and pydantic are imported by the commands that use them, and the job verbs
+work on the Spec's wire form (shoal_cli.jobspec), never on the pydantic models.
+tests/test_startup_imports.py holds the line.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import click
-from rich.console import Console
-from rich.table import Table
+# httpx's package __init__ imports its own command-line tool, and with it pygments and half of
+# rich, whenever those are installed. A None entry makes that import fail, which httpx handles
+# (its `httpx` script then says to install httpx[cli]; we never run it in this process).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
-from shoal_cli import jobspec
-from shoal_cli.output import job_summary, progress_bar, state_line
-from shoal_client.client import ShoalClient, ShoalClientError, shoal_dir, short_id
-from shoal_common.signing import ClientKey
-from shoal_common.spec import DockerSpec, Engine, JobState, Spec, to_wire
+import click  # noqa: E402
 
-console = Console(stderr=True)
-out = Console()
+from shoal_cli import jobspec  # noqa: E402
+from shoal_client.base import ShoalClientError, short_id  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from shoal_client.client import ShoalClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@functools.cache
+def console() -> Console:
+    """stderr: progress, states, errors (rich is imported on first use)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@functools.cache
+def out() -> Console:
+    """stdout: what scripts read (job ids, results, JSON)."""
+    from rich.console import Console
+
+    return Console()
+
+
 # Commands whose modules import the services (and with them SQLAlchemy, FastAPI, NATS, ...):
 # loaded only when named, so `shoal list` does not pay for `shoal devstack`'s imports.
+# With their help's first sentence, so that `shoal --help` lists them without importing them
+# (tests/test_startup_imports.py checks these match the commands' own).
 _LAZY_COMMANDS = {
-    "serve": ("shoal_cli.serve", "serve"),
-    "devstack": ("shoal_cli.serve", "devstack"),
-    "canary": ("shoal_cli.canary", "canary"),
+    "serve": (
+        "shoal_cli.serve",
+        "serve",
+        "Run one Shoal service until interrupted (settings also from SHOAL_<SERVICE>_* env).",
+    ),
+    "devstack": (
+        "shoal_cli.serve",
+        "devstack",
+        "Start a whole cluster on this machine (NATS, SQLite, N compute nodes) until Ctrl-C.",
+    ),
+    "canary": (
+        "shoal_cli.canary",
+        "canary",
+        "Run the canary scenarios against the cluster (``--once`` or ``--every 5m``).",
+    ),
 }
 
 
@@ -43,20 +83,37 @@ class ShoalGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
         if found is None and cmd_name in _LAZY_COMMANDS:
-            module, attr = _LAZY_COMMANDS[cmd_name]
+            module, attr, _ = _LAZY_COMMANDS[cmd_name]
             found = getattr(importlib.import_module(module), attr)
             assert isinstance(found, click.Command)
             self.add_command(found, cmd_name)
         return found
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click's, but the lazy commands not loaded yet show their short help from
+        ``_LAZY_COMMANDS`` instead of being imported for it."""
+        shown: list[tuple[str, click.Command]] = []
+        for name in self.list_commands(ctx):
+            if name in _LAZY_COMMANDS and name not in self.commands:
+                # A stand-in with the same help: click shortens it the same way.
+                shown.append((name, click.Command(name, help=_LAZY_COMMANDS[name][2])))
+                continue
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                shown.append((name, command))
+        if shown:
+            limit = formatter.width - 6 - max(len(name) for name, _ in shown)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in shown])
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ShoalClientError as exc:
-            console.print(f"[red]Error:[/red] {exc}")
+            console().print(f"[red]Error:[/red] {exc}")
             sys.exit(1)
         except jobspec.SpecError as exc:
-            console.print(f"[red]Invalid job:[/red] {exc}")
+            console().print(f"[red]Invalid job:[/red] {exc}")
             sys.exit(2)
 
 
@@ -66,7 +123,7 @@ class ShoalGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, api_host: str | None, api_port: int | None) -> None:
     """Shoal: run Docker, WASM and Python jobs over content-addressed data."""
-    from shoal_client.client import api_base_url
+    from shoal_client.base import api_base_url
 
     ctx.obj = {"base_url": api_base_url(api_host, api_port)}
 
@@ -76,6 +133,8 @@ def client_from(ctx: click.Context) -> ShoalClient:
     root = ctx.find_root()
     client: ShoalClient | None = root.obj.get("client")
     if client is None:
+        from shoal_client.client import ShoalClient
+
         client = ShoalClient(root.obj["base_url"])
         root.obj["client"] = client
         root.call_on_close(client.close)
@@ -169,47 +228,58 @@ def split_submit_flags(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return kwargs, flags
 
 
-def submit_and_report(ctx: click.Context, spec: Spec, flags: dict[str, Any]) -> None:
-    """Submit, then (by default) wait and show the outcome, like ``bacalhau docker run``."""
+def submit_and_report(ctx: click.Context, spec: dict[str, Any], flags: dict[str, Any]) -> None:
+    """Submit ``spec`` (wire form), then (by default) wait and show the outcome, like
+    ``bacalhau docker run``."""
+    from shoal_common.wire_enums import API_VERSION, JobStateType
+
     jobspec.check_spec(spec)
     if flags["dry_run"]:
-        out.print_json(data={"APIVersion": "V1beta1", "Spec": to_wire(spec)})
+        out().print_json(data={"APIVersion": API_VERSION, "Spec": spec})
         return
     client = client_from(ctx)
-    job = client.submit(spec)
-    job_id = job.metadata.id
+    job = client.submit_wire(spec)
+    job_id = str((job.get("Metadata") or {}).get("ID", ""))
     if flags["id_only"]:
-        out.print(job_id)
+        out().print(job_id)
         if not flags["wait"]:
             return
     elif flags["output_format"] == "text":
-        console.print(f"Job [bold]{job_id}[/bold] submitted.")
+        console().print(f"Job [bold]{job_id}[/bold] submitted.")
     if not flags["wait"] and not flags["follow"]:
         if flags["output_format"] == "json":
-            out.print_json(data={"JobID": job_id})
+            out().print_json(data={"JobID": job_id})
         return
     if flags["follow"]:
         for text in client.logs(job_id, follow=True):
             sys.stdout.write(text)
             sys.stdout.flush()
     quiet = flags["id_only"] or flags["output_format"] == "json"
-    state = client.wait(
+    from shoal_cli.output import state_line
+
+    state = client.wait_wire(
         job_id,
         timeout=flags["wait_timeout"],
-        on_change=None if quiet else lambda s: console.print(state_line(s)),
+        on_change=None if quiet else lambda s: console().print(state_line(s)),
     )
     report_final(state, flags, show_stdout=not flags["follow"])
-    if state.state.value not in ("Completed",):
+    if JobStateType(state["State"]) is not JobStateType.COMPLETED:
         sys.exit(1)
 
 
-def report_final(state: JobState, flags: dict[str, Any], *, show_stdout: bool) -> None:
+def report_final(state: dict[str, Any], flags: dict[str, Any], *, show_stdout: bool) -> None:
+    """The end of a job verb; ``state``: the JobState in wire form."""
     if flags["output_format"] == "json":
-        out.print_json(data=to_wire(state))
+        from shoal_common.spec import JobState, to_wire
+
+        # Through the model, as before: what scripts read is the normalised JobState.
+        out().print_json(data=to_wire(JobState.model_validate(state)))
         return
     if flags["id_only"]:
         return
-    job_summary(console, out, state, show_stdout=show_stdout)
+    from shoal_cli.output import job_summary
+
+    job_summary(console(), out(), state, show_stdout=show_stdout)
 
 
 # --- job verbs -----------------------------------------------------------------------------------
@@ -241,13 +311,15 @@ def docker_run(
     """Run IMAGE with COMMAND on the cluster, e.g. ``shoal docker run busybox echo hi``."""
     opts, flags = split_submit_flags(kwargs)
     cmd = ([entrypoint] if entrypoint else []) + list(command)
-    spec = Spec(
-        Engine=Engine.DOCKER,
-        Docker=DockerSpec(
-            Image=image,
-            Entrypoint=cmd or None,
-            EnvironmentVariables=jobspec.parse_env(env) or None,
-            WorkingDirectory=workdir,
+    spec = jobspec.wire_spec(
+        Engine="Docker",
+        Docker=jobspec.compact(
+            {
+                "Image": image,
+                "Entrypoint": cmd or None,
+                "EnvironmentVariables": jobspec.parse_env(env) or None,
+                "WorkingDirectory": workdir,
+            }
         ),
         **jobspec.common_spec(**opts),
     )
@@ -260,8 +332,10 @@ def docker_run(
 @click.pass_context
 def create(ctx: click.Context, /, spec_file: Path, **kwargs: Any) -> None:
     """Submit a job from a YAML or JSON spec file."""
+    from shoal_common.spec import to_wire
+
     _, flags = split_submit_flags(kwargs)
-    submit_and_report(ctx, jobspec.load_spec_file(spec_file), flags)
+    submit_and_report(ctx, to_wire(jobspec.load_spec_file(spec_file)), flags)
 
 
 @cli.command()
@@ -269,7 +343,7 @@ def create(ctx: click.Context, /, spec_file: Path, **kwargs: Any) -> None:
 def validate(spec_file: Path) -> None:
     """Check a job spec file without submitting it."""
     spec = jobspec.load_spec_file(spec_file)
-    console.print(f"[green]{spec_file} is a valid {spec.engine} job spec.[/green]")
+    console().print(f"[green]{spec_file} is a valid {spec.engine} job spec.[/green]")
 
 
 @cli.command("list")
@@ -296,8 +370,10 @@ def list_jobs(
         exclude_tags=[t for t in exclude_tag if t not in include_tag],
     )
     if output_format == "json":
-        out.print_json(data=jobs)
+        out().print_json(data=jobs)
         return
+    from rich.table import Table
+
     table = Table("CREATED", "ID", "ENGINE", "STATE", box=None)
     for item in jobs:
         job, state = item.get("Job", {}), item.get("State", {})
@@ -308,7 +384,7 @@ def list_jobs(
             str(job.get("Spec", {}).get("Engine", "")),
             str(state.get("State", "")),
         )
-    out.print(table)
+    out().print(table)
 
 
 @cli.command()
@@ -317,6 +393,8 @@ def list_jobs(
 @click.pass_context
 def describe(ctx: click.Context, job_id: str, output_format: str) -> None:
     """Show a job: spec, state of every execution, and its history."""
+    from shoal_common.spec import to_wire
+
     details = client_from(ctx).describe(job_id)
     data = {
         "Job": to_wire(details.job),
@@ -324,7 +402,7 @@ def describe(ctx: click.Context, job_id: str, output_format: str) -> None:
         "History": [to_wire(h) for h in details.history],
     }
     if output_format == "json":
-        out.print_json(data=data)
+        out().print_json(data=data)
     else:
         import yaml
 
@@ -333,8 +411,8 @@ def describe(ctx: click.Context, job_id: str, output_format: str) -> None:
         summary = f"# Job {state.job_id} is {state.state.value}"
         if state.status:
             summary += f": {state.status}"
-        out.print(summary, highlight=False, markup=False, soft_wrap=True)
-        out.print(yaml.safe_dump(data, sort_keys=False), highlight=False, markup=False)
+        out().print(summary, highlight=False, markup=False, soft_wrap=True)
+        out().print(yaml.safe_dump(data, sort_keys=False), highlight=False, markup=False)
 
 
 @cli.command()
@@ -343,7 +421,7 @@ def describe(ctx: click.Context, job_id: str, output_format: str) -> None:
 def cancel(ctx: click.Context, job_id: str) -> None:
     """Cancel one of your jobs."""
     state = client_from(ctx).cancel(job_id)
-    console.print(f"Job {job_id} is {state.state}.")
+    console().print(f"Job {job_id} is {state.state}.")
 
 
 @cli.command()
@@ -367,8 +445,8 @@ def get(ctx: click.Context, job_id: str, output_dir: Path, raw: bool) -> None:
     """Download a job's results (checked against their CIDs) into job-<id8>/."""
     from shoal_cli.results import download_results
 
-    target = download_results(client_from(ctx), job_id, output_dir, raw=raw, console=console)
-    console.print(f"Results for job {job_id} are in [bold]{target}[/bold]")
+    target = download_results(client_from(ctx), job_id, output_dir, raw=raw, console=console())
+    console().print(f"Results for job {job_id} are in [bold]{target}[/bold]")
 
 
 @cli.command()
@@ -376,20 +454,25 @@ def get(ctx: click.Context, job_id: str, output_dir: Path, raw: bool) -> None:
 @click.pass_context
 def put(ctx: click.Context, path: Path) -> None:
     """Upload a file or folder to the content store and print its CID."""
-    with progress_bar(console, f"Uploading {path.name}") as update:
+    from shoal_cli.output import progress_bar
+
+    with progress_bar(console(), f"Uploading {path.name}") as update:
         cid = client_from(ctx).put(path, progress=update)
-    out.print(cid)
+    out().print(cid)
 
 
 @cli.command("id")
 @click.option("--output", "output_format", type=click.Choice(["text", "json"]), default="text")
 def show_id(output_format: str) -> None:
     """Print your client id (from $SHOAL_DIR/user_id.pem, created if missing)."""
+    from shoal_client.base import shoal_dir
+    from shoal_common.signing import ClientKey
+
     key = ClientKey.load_or_create(shoal_dir())
     if output_format == "json":
-        out.print_json(data={"ClientID": key.client_id, "PublicKey": key.public_key_b64})
+        out().print_json(data={"ClientID": key.client_id, "PublicKey": key.public_key_b64})
     else:
-        out.print(key.client_id)
+        out().print(key.client_id)
 
 
 @cli.command()
@@ -399,13 +482,13 @@ def version(ctx: click.Context, client_only: bool) -> None:
     """Client and server versions."""
     from shoal_cli import __version__
 
-    out.print(f"Client: {__version__}")
+    out().print(f"Client: {__version__}")
     if not client_only:
         try:
             info = client_from(ctx).version().get("build_version_info", {})
-            out.print(f"Server: {info.get('gitversion', '?')}")
+            out().print(f"Server: {info.get('gitversion', '?')}")
         except ShoalClientError as exc:
-            out.print(f"Server: unreachable ({exc.message})")
+            out().print(f"Server: unreachable ({exc.message})")
 
 
 # --- operators -----------------------------------------------------------------------------------
@@ -425,9 +508,9 @@ def node_list(ctx: click.Context, output_format: str) -> None:
 
     nodes = client_from(ctx).nodes()
     if output_format == "json":
-        out.print_json(data=nodes)
+        out().print_json(data=nodes)
     else:
-        out.print(nodes_table(nodes))
+        out().print(nodes_table(nodes))
 
 
 @node.command("describe")
@@ -437,7 +520,7 @@ def node_describe(ctx: click.Context, node_id: str) -> None:
     """One node: labels, arch, engines, capacity, running executions, last heartbeat."""
     import yaml
 
-    out.print(yaml.safe_dump(client_from(ctx).node(node_id), sort_keys=False), markup=False)
+    out().print(yaml.safe_dump(client_from(ctx).node(node_id), sort_keys=False), markup=False)
 
 
 def _register_optional() -> None:
@@ -454,4 +537,4 @@ def main() -> None:
 
 
 def print_json(data: Any) -> None:
-    out.print(json.dumps(data, indent=2))
+    out().print(json.dumps(data, indent=2))

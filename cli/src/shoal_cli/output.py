@@ -4,46 +4,58 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-from rich.table import Table
+from shoal_common.wire_enums import ExecutionStateType, JobStateType
 
-from shoal_common.spec import JobState
-
-
-def state_line(state: JobState) -> str:
-    running = sum(1 for e in state.executions if e.state.active)
-    return f"  {state.state.value:<18} executions: {len(state.executions)} ({running} active)"
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 
-def job_summary(console: Console, out: Console, state: JobState, *, show_stdout: bool) -> None:
+def state_line(state: dict[str, Any]) -> str:
+    """``state``: a JobState in wire form, as every function here takes it."""
+    executions = state.get("Executions") or []
+    running = sum(1 for e in executions if ExecutionStateType(e["State"]).active)
+    outcome = JobStateType(state["State"]).value
+    return f"  {outcome:<18} executions: {len(executions)} ({running} active)"
+
+
+def job_summary(
+    console: Console, out: Console, state: dict[str, Any], *, show_stdout: bool
+) -> None:
     """The end of ``shoal docker run``: outcome, then the first execution's output."""
-    colour = "green" if state.state.value == "Completed" else "red"
-    console.print(f"Job {state.job_id} [{colour}]{state.state.value}[/{colour}].")
-    for execution in state.executions:
-        if execution.status and execution.state.value not in ("Completed",):
-            console.print(f"  {execution.node_id}: {execution.state.value}: {execution.status}")
-    done = [e for e in state.executions if e.run_output is not None]
-    if show_stdout and done and done[0].run_output:
-        run = done[0].run_output
-        if run.stdout:
+    job_id, outcome = state["JobID"], JobStateType(state["State"]).value
+    colour = "green" if outcome == "Completed" else "red"
+    console.print(f"Job {job_id} [{colour}]{outcome}[/{colour}].")
+    executions = state.get("Executions") or []
+    for execution in executions:
+        status = execution.get("Status")
+        execution_state = ExecutionStateType(execution["State"]).value
+        if status and execution_state != "Completed":
+            console.print(f"  {execution['NodeId']}: {execution_state}: {status}")
+    done = [e for e in executions if e.get("RunOutput") is not None]
+    if show_stdout and done and done[0]["RunOutput"]:
+        run = done[0]["RunOutput"]
+        stdout, stderr = run.get("stdout") or "", run.get("stderr") or ""
+        if stdout:
             out.print(
-                run.stdout,
-                end="" if run.stdout.endswith("\n") else "\n",
+                stdout,
+                end="" if stdout.endswith("\n") else "\n",
                 markup=False,
                 highlight=False,
             )
-        if run.stderr:
-            console.print(run.stderr, markup=False, highlight=False, end="")
-        if run.stdout_truncated or run.stderr_truncated:
+        if stderr:
+            console.print(stderr, markup=False, highlight=False, end="")
+        if run.get("stdouttruncated") or run.get("stderrtruncated"):
             console.print("(output truncated: `shoal get` has all of it)")
-    console.print(f"To download the results: shoal get {state.job_id}")
+    console.print(f"To download the results: shoal get {job_id}")
 
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
     """One row per node, in the requester's /api/v1/nodes shape."""
+    from rich.table import Table
+
     table = Table(box=None)
     # Ids and reputations stay whole in narrow terminals; the other columns give way first.
     table.add_column("ID", no_wrap=True)
@@ -79,6 +91,8 @@ def _reputation_cell(rep: dict[str, Any]) -> str:
 @contextlib.contextmanager
 def progress_bar(console: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
     """A transfer progress bar; yields an ``update(done, total)`` callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),

@@ -10,23 +10,28 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from shoal_cli.output import progress_bar
-from shoal_client.client import ShoalClient, ShoalClientError, short_id
+from shoal_client.base import ShoalClientError, short_id
+from shoal_common.wire_enums import JobStateType
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from shoal_client.client import ShoalClient
 
 
 def download_results(
     client: ShoalClient, job_id: str, output_dir: Path, *, raw: bool, console: Console
 ) -> Path:
-    state = client.state(job_id)
-    results = client.results(state.job_id)
+    state = client.state_wire(job_id)
+    full_id = str(state["JobID"])  # `job_id` may be a short id
+    results = client.results(full_id)
     if not results:
-        raise ShoalClientError(
-            0, f"job {job_id} has no published results yet (state: {state.state.value})"
-        )
-    target = output_dir / f"job-{short_id(state.job_id)}"
+        outcome = JobStateType(state["State"]).value
+        raise ShoalClientError(0, f"job {job_id} has no published results yet (state: {outcome})")
+    target = output_dir / f"job-{short_id(full_id)}"
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
         fetched: list[tuple[str, Path]] = []

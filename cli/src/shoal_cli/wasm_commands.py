@@ -26,11 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
-import httpx
-from rich.markup import escape
 
 from shoal_cli import jobspec
-from shoal_cli.jobspec import SpecError
+from shoal_cli.jobspec import SpecError, compact, storage, wire_spec
 from shoal_cli.main import (
     client_from,
     console,
@@ -40,20 +38,9 @@ from shoal_cli.main import (
     submit_and_report,
 )
 from shoal_cli.output import progress_bar
-from shoal_client.client import ShoalClientError
+from shoal_client.base import ShoalClientError
 from shoal_common.cid import cid_of_path, is_valid_cid
-from shoal_common.spec import (
-    DockerSpec,
-    Engine,
-    LanguageSpec,
-    NetworkType,
-    Spec,
-    StorageSourceType,
-    StorageSpec,
-    WasmSpec,
-    parse_bytes,
-    parse_gpu,
-)
+from shoal_common.wire_enums import NetworkType, StorageSourceType, parse_bytes, parse_gpu
 
 SHOALIGNORE = ".shoalignore"
 DEFAULT_IGNORES = (".git/", "__pycache__/", "*.pyc")
@@ -263,9 +250,11 @@ def _store(ctx: click.Context, path: Path, *, dry_run: bool, label: str) -> str:
     """Upload a file or folder and return its CID; with --dry-run only compute the CID."""
     if dry_run:
         return cid_of_path(path)
+    import httpx
+
     client = client_from(ctx)
     try:
-        with progress_bar(console, f"Uploading {label}") as update:
+        with progress_bar(console(), f"Uploading {label}") as update:
             return client.put(path, progress=update)
     except httpx.HTTPError as exc:  # put() lets transport errors through
         raise ShoalClientError(
@@ -299,11 +288,12 @@ class _Module:
     path: Path | None = None
     cid: str | None = None
 
-    def spec(self, ctx: click.Context, *, dry_run: bool) -> StorageSpec:
+    def spec(self, ctx: click.Context, *, dry_run: bool) -> dict[str, Any]:
+        """Its StorageSpec, in wire form."""
         cid = self.cid
         if self.path is not None:
             cid = _store(ctx, self.path, dry_run=dry_run, label=self.path.name)
-        return StorageSpec(StorageSource=StorageSourceType.IPFS, CID=cid, Name=self.name)
+        return storage(StorageSourceType.IPFS, cid=cid, name=self.name)
 
 
 def _module_from(text: str, *, entry_point: str | None, link_name: str | None = None) -> _Module:
@@ -386,14 +376,16 @@ def wasm_run(
     import_list = [_import_module(item) for item in import_modules]
     entry = entry_module.spec(ctx, dry_run=dry_run)
     imports = [item.spec(ctx, dry_run=dry_run) for item in import_list]
-    spec = Spec(
-        Engine=Engine.WASM,
-        Wasm=WasmSpec(
-            EntryModule=entry,
-            EntryPoint=entry_point,
-            Parameters=list(args) or None,
-            EnvironmentVariables=variables or None,
-            ImportModules=imports or None,
+    spec = wire_spec(
+        Engine="Wasm",
+        Wasm=compact(
+            {
+                "EntryModule": entry,
+                "EntryPoint": entry_point,
+                "Parameters": list(args) or None,
+                "EnvironmentVariables": variables or None,
+                "ImportModules": imports or None,
+            }
         ),
         **common,
     )
@@ -414,11 +406,11 @@ def wasm_validate(module: Path, entry_point: str) -> None:
 
     problems = validate_module(module, entry_point or None)
     if problems:
-        console.print(f"[red]{module} cannot run as a job:[/red]")
+        console().print(f"[red]{module} cannot run as a job:[/red]")
         for problem in problems:
-            console.print(f"  - {problem}", markup=False, highlight=False)
+            console().print(f"  - {problem}", markup=False, highlight=False)
         sys.exit(1)
-    out.print(
+    out().print(
         f"{module} is a valid WebAssembly module; entry point {entry_point!r} is exported.",
         markup=False,
         highlight=False,
@@ -525,7 +517,7 @@ def run_python(
         raise SpecError("a program file or -r needs a job context; drop --context-path ''")
 
     with contextlib.ExitStack() as stack:
-        job_context: StorageSpec | None = None
+        job_context: dict[str, Any] | None = None
         program_path = requirements_path = None
         if context_path != "":
             root = Path(context_path).resolve()
@@ -539,37 +531,40 @@ def run_python(
             for relative, what in ((program_path, "program"), (requirements_path, "-r file")):
                 if relative is not None and relative not in found.files:
                     raise SpecError(f"{what} {relative} is excluded by {root / SHOALIGNORE}")
-            for link in found.skipped_links:
-                console.print(f"[yellow]Not sent (a symlink):[/yellow] {escape(link)}")
+            if found.skipped_links:
+                from rich.markup import escape
+
+                for link in found.skipped_links:
+                    console().print(f"[yellow]Not sent (a symlink):[/yellow] {escape(link)}")
             if deterministic and requirements is not None:
                 _check_requirements(requirements)
             cid = _store(ctx, staging, dry_run=dry_run, label="job context")
             if not flags["id_only"] and flags["output_format"] == "text":
-                console.print(
+                console().print(
                     f"Job context: {len(found.files)} files, {_size_text(found.total)}, {cid}"
                 )
-            job_context = StorageSpec(
-                StorageSource=StorageSourceType.IPFS, CID=cid, path=JOB_CONTEXT_PATH
-            )
+            job_context = storage(StorageSourceType.IPFS, cid=cid, path=JOB_CONTEXT_PATH)
     if requirements is not None and not deterministic and _network_off(opts):
-        console.print(
+        console().print(
             "[yellow]Note:[/yellow] the job has no network, so pip installs the requirements "
             "from the job context only (wheel files, package folders, --find-links ./wheels); "
             "for PyPI add --network Full (or HTTP with --domain pypi.org --domain "
             "files.pythonhosted.org)."
         )
-    spec = Spec(
-        Engine=Engine.LANGUAGE,
-        Language=LanguageSpec(
-            Language="python",
-            LanguageVersion=PYTHON_LANGUAGE_VERSION,
-            DeterministicExecution=deterministic,
-            JobContext=job_context,
-            Command=code,
-            ProgramPath=program_path,
-            RequirementsPath=requirements_path,
+    spec = wire_spec(
+        Engine="Language",
+        Language=compact(
+            {
+                "Language": "python",
+                "LanguageVersion": PYTHON_LANGUAGE_VERSION,
+                "DeterministicExecution": deterministic,
+                "JobContext": job_context,
+                "Command": code,
+                "ProgramPath": program_path,
+                "RequirementsPath": requirements_path,
+            }
         ),
-        Docker=None if deterministic else DockerSpec(Image=image),
+        Docker=None if deterministic else {"Image": image},
         **common,
     )
     submit_and_report(ctx, spec, flags)
