@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from shoal_cli.processes import NODE_TYPES
+from shoal_common import collector
 from shoal_common.logging import configure_logging
 
 PROCESS_CHOICES = ("1", "2", "all")
@@ -97,6 +98,7 @@ def serve(
             app = getattr(service, "app", None)
             if app is not None and settings.port:
                 servers.append(await serve_http(app, settings.port, settings.host))
+            collector.tune_for_service()
             if ready_file is not None:
                 await asyncio.to_thread(ready_file.touch)
             click.echo(f"shoal {node_type} running (Ctrl-C to stop)", err=True)
@@ -204,6 +206,7 @@ def devstack(
 
     async def start() -> None:
         await stack.start()
+        collector.tune_for_service()
         exports = stack.exports()
         if env_file:
             await asyncio.to_thread(env_file.write_text, exports)
