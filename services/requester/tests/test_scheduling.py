@@ -4,6 +4,7 @@ requester with a memory store, an in-memory bus and scripted compute nodes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from datetime import timedelta
 
@@ -20,6 +21,7 @@ from shoal_common.protocol import DEFAULT_CPU, DEFAULT_MEMORY, Capacity
 from shoal_common.spec import ExecutionStateType, JobStateType, utcnow
 from shoal_common.testing import wait_for
 from shoal_requester.domain.model import Changes, new_execution_update
+from shoal_requester.domain.orchestrator import PLACEMENT_MAX_YIELD
 from shoal_requester.testing import (
     FakeComputeNode,
     GiB,
@@ -564,3 +566,73 @@ async def test_an_acceptance_whose_answer_was_lost_is_sent_again_not_failed() ->
         assert [e.state for e in execs] == [ES.COMPLETED], [(e.state, e.status) for e in execs]
         assert job.retries_used == 0
         await node.stop()
+
+
+class _CountingNode(FakeComputeNode):
+    """Answers asks after a pause, counting how many it holds at once."""
+
+    holding: int = 0
+    most: int = 0
+
+    async def _ask_bid(self, data: bytes) -> bytes:
+        self.holding += 1
+        self.most = max(self.most, self.holding)
+        try:
+            await asyncio.sleep(0.01)
+            return await super()._ask_bid(data)
+        finally:
+            self.holding -= 1
+
+
+async def test_a_burst_of_submits_places_at_most_placement_parallelism_jobs_at_once() -> None:
+    """ADR 0018: the rest wait their turn as durable New jobs, and all of them complete."""
+    async with harness(placement_parallelism=3) as h:
+        node = await _CountingNode(h.bus, "n0", info=node_info("n0", cpu=100)).start()
+        job_ids = [await h.submit() for _ in range(20)]
+        for job_id in job_ids:
+            assert (await h.wait_state(job_id, timeout=10)).state is JS.COMPLETED
+        assert node.most == 3
+        assert len(node.asked) == 20
+
+
+async def test_a_placement_waits_while_the_event_loop_is_congested() -> None:
+    """ADR 0018: while one trip through the loop takes longer than placement_yield_lag, new
+    placements wait (the API's requests go first); once the loop is free they run."""
+    async with harness(placement_yield_lag=0.005) as h:
+        node = await h.node("n0")
+        congested = True
+
+        async def hog() -> None:  # a busy loop: 20 ms steps, always ready to run again
+            while congested:
+                time.sleep(0.02)
+                await asyncio.sleep(0)
+
+        hogs = [asyncio.create_task(hog()) for _ in range(2)]
+        job_id = await h.submit()
+        await asyncio.sleep(0.3)
+        assert node.asked == []  # waiting for the loop, not placed
+        congested = False
+        await asyncio.gather(*hogs)
+        assert (await h.wait_state(job_id, timeout=5)).state is JS.COMPLETED
+        assert len(node.asked) == 1
+
+
+async def test_a_congested_loop_delays_a_placement_by_at_most_the_yield_bound() -> None:
+    async with harness(placement_yield_lag=0.005) as h:
+        node = await h.node("n0")
+        stop = asyncio.Event()
+
+        async def hog() -> None:
+            while not stop.is_set():
+                time.sleep(0.02)
+                await asyncio.sleep(0)
+
+        hogs = [asyncio.create_task(hog()) for _ in range(2)]
+        try:
+            job_id = await h.submit()
+            job = await h.wait_state(job_id, timeout=PLACEMENT_MAX_YIELD + 5)
+            assert job.state is JS.COMPLETED
+            assert len(node.asked) == 1
+        finally:
+            stop.set()
+            await asyncio.gather(*hogs)

@@ -69,6 +69,13 @@ class RequesterSettings(ServiceSettings):
     # many free fitting ones, then ranks those (0: always look at every node). 8 spreads jobs
     # evenly (see the spread test) at a quarter of 32's cost per placement.
     candidate_sample: int = Field(8, ge=0)
+    # Placements running at once (a submit only records the job; its placement waits for a
+    # lane). Enough to keep the nodes busy; bounded so placements cannot crowd the API out of
+    # the event loop under a burst (ADR 0018).
+    placement_parallelism: int = Field(8, ge=1)
+    # A placement waits to start while one trip through the event loop takes longer than this
+    # (seconds): the API's requests go first (ADR 0018). 0 disables the wait.
+    placement_yield_lag: float = Field(0.005, ge=0)
     # Replacement rounds after failed executions or refused bids (0 = never retry).
     max_retries: int = Field(3, ge=0)
     # How long a job may wait in Queued for a node with free capacity.

@@ -134,6 +134,8 @@ _REDELIVER_ASKS_AFTER_S = 1.0
 # A placement that found the database unreachable is tried again after 0.5 s, 1 s, ... 5 s.
 PLACEMENT_RETRY_FIRST = 0.5
 PLACEMENT_RETRY_MAX = 5.0
+# The longest a placement waits for a congested event loop before it starts anyway (seconds).
+PLACEMENT_MAX_YIELD = 1.0
 # A placement whose write failed with one of these recorded nothing.
 _NOT_RECORDED: tuple[type[Exception], ...] = (Conflict, *DATABASE_UNAVAILABLE)
 
@@ -196,6 +198,11 @@ class Orchestrator:
         self._drain_wanted = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
         self._closing = False
+        # Placements of new jobs running at once; the rest wait their turn, oldest first. A
+        # burst of submits thus becomes a queue of durable New jobs instead of a flood of
+        # placement steps in the event loop, where they delayed every API request behind them
+        # (issue 6 target 6: submits stay fast while the backlog drains).
+        self._placement_lanes = asyncio.Semaphore(settings.placement_parallelism)
 
     def reputation(self, node_id: str) -> float:
         """The reputation factor ranking gives this node now, in (0, 1]."""
@@ -318,10 +325,12 @@ class Orchestrator:
         delay = PLACEMENT_RETRY_FIRST
         while True:
             try:
-                if fresh is not None:
-                    await self.place(job_id, fresh=fresh, executions=[])
-                else:
-                    await self.place(job_id)
+                async with self._placement_lanes:
+                    await self._yield_to_busy_loop()
+                    if fresh is not None:
+                        await self.place(job_id, fresh=fresh, executions=[])
+                    else:
+                        await self.place(job_id)
                 return
             except DATABASE_UNAVAILABLE as exc:
                 log.warning(
@@ -330,6 +339,27 @@ class Orchestrator:
             await asyncio.sleep(delay)
             delay = min(delay * 2, PLACEMENT_RETRY_MAX)
             fresh = None  # read the job again: the database is the truth after an outage
+
+    async def _yield_to_busy_loop(self) -> None:
+        """Wait while the event loop is congested, so API requests go before new placements.
+
+        The probe is one trip through the loop's ready queue (``sleep(0)``): it costs nothing
+        while idle (no timer ticks), and its time is what any request arriving now would wait
+        for its next step. Placements already running finish; only new ones wait, at most
+        ``PLACEMENT_MAX_YIELD`` each, so a saturated API still cannot starve the pipeline.
+        """
+        limit = self._settings.placement_yield_lag
+        if not limit:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PLACEMENT_MAX_YIELD
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0)
+            lag = loop.time() - started
+            if lag <= limit or started >= deadline:
+                return
+            await asyncio.sleep(lag)
 
     def capacity_freed(self) -> None:
         """Capacity appeared somewhere: try the jobs waiting for it."""
