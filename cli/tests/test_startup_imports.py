@@ -111,3 +111,16 @@ def test_lazy_commands_are_listed_as_they_would_be_once_loaded() -> None:
             stand_in = click.Command(name, help=shoal_main._LAZY_COMMANDS[name][2])
             assert stand_in.get_short_help_str(limit) == loaded.get_short_help_str(limit)
     assert CliRunner().invoke(fresh, ["--help"], terminal_width=80).output == lazy_help
+
+
+def test_the_client_imports_no_pydantic() -> None:
+    """The job verbs' client (and `shoal get`'s download path) work on wire dicts."""
+    code = (
+        "import json, sys, shoal_client.client, shoal_client.download;"
+        "print(json.dumps(list(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    modules = set(json.loads(done.stdout))
+    assert {"pydantic", "yaml", "rich", "shoal_common.spec"}.isdisjoint(modules)

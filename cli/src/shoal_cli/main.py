@@ -17,15 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-# httpx's package __init__ imports its own command-line tool, and with it pygments and half of
-# rich, whenever those are installed. A None entry makes that import fail, which httpx handles
-# (its `httpx` script then says to install httpx[cli]; we never run it in this process).
-sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+import click
 
-import click  # noqa: E402
-
-from shoal_cli import jobspec  # noqa: E402
-from shoal_client.base import ShoalClientError, short_id  # noqa: E402
+from shoal_cli import jobspec
+from shoal_client.base import ShoalClientError, short_id
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -532,7 +527,19 @@ def _register_optional() -> None:
 _register_optional()
 
 
+# Imported by httpx/httpcore whenever installed, used by no `shoal` client command: httpx's own
+# command-line tool (pygments, much of rich: ~30 ms) and trio (httpcore's sync client never
+# needs it; ~100 ms, installed here for IPFS's multiaddr). A None entry in sys.modules makes
+# their `import` fail, which both handle. Not for the commands that run services in-process.
+_UNUSED_IMPORTS = ("httpx._main", "trio")
+_RUNS_SERVICES = frozenset({"serve", "devstack"})
+
+
 def main() -> None:
+    """The ``shoal`` program (not imported by tests: only a real process skips imports)."""
+    if _RUNS_SERVICES.isdisjoint(sys.argv[1:]):
+        for name in _UNUSED_IMPORTS:
+            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     cli(prog_name="shoal")
 
 

@@ -90,7 +90,26 @@ def _reputation_cell(rep: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def progress_bar(console: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
-    """A transfer progress bar; yields an ``update(done, total)`` callback."""
+    """A transfer progress bar; yields an ``update(done, total)`` callback.
+
+    The bar (and rich.progress, a noticeable import) appears only for a transfer still under
+    way at its first update: one that is done in one go, like a small job context, has none.
+    """
+    with contextlib.ExitStack() as stack:
+        shown: list[Callable[[int, int | None], None]] = []
+
+        def update(done: int, total: int | None) -> None:
+            if not shown:
+                if total is not None and done >= total:
+                    return
+                shown.append(stack.enter_context(_rich_progress(console, label)))
+            shown[0](done, total)
+
+        yield update
+
+
+@contextlib.contextmanager
+def _rich_progress(console: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     with Progress(
