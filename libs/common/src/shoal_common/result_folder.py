@@ -12,9 +12,12 @@ rebuild (output that was not UTF-8, an output volume) is never stored; it is fet
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from shoal_common.cid import FileCidBuilder, TreeCidBuilder
-from shoal_common.spec import RunOutput
+
+if TYPE_CHECKING:  # for annotations only: `shoal get` (via content_store) need not load pydantic
+    from shoal_common.spec import RunOutput
 
 STDOUT = "stdout"
 STDERR = "stderr"
