@@ -123,4 +123,32 @@ def test_the_client_imports_no_pydantic() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     modules = set(json.loads(done.stdout))
-    assert {"pydantic", "yaml", "rich", "shoal_common.spec"}.isdisjoint(modules)
+    # (rich may be there: httpx imports its own CLI with it, which only `shoal` itself skips.)
+    assert {"pydantic", "yaml", "shoal_common.spec"}.isdisjoint(modules)
+
+
+def test_the_program_skips_what_httpx_would_import_for_nothing(tmp_path: Path) -> None:
+    """`shoal list` against no requester: a clear error, and neither trio (httpcore's
+    optional async backend) nor httpx's own CLI (pygments) was imported."""
+    code = (
+        "import atexit, json, sys\n"
+        # Loaded modules only: what main() skips is a None entry.
+        "loaded = lambda: sorted(k for k, v in sys.modules.items() if v is not None)\n"
+        "atexit.register(lambda: print(json.dumps(loaded()), file=sys.stderr))\n"
+        "sys.argv = ['shoal', 'list']\n"
+        "from shoal_cli.main import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"SHOAL_API_HOST": "127.0.0.1", "SHOAL_API_PORT": "9", "SHOAL_DIR": str(tmp_path)},
+    )
+    assert done.returncode == 1
+    assert "cannot reach the requester" in done.stderr
+    assert "Traceback" not in done.stderr
+    modules = set(json.loads(done.stderr.strip().splitlines()[-1]))
+    assert "httpx" in modules
+    assert {"trio", "pygments", "pydantic"}.isdisjoint(modules)
