@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,11 +267,17 @@ class GatedStore(MemoryExecutionStore):
         self.gate = asyncio.Event()
         self.fail = fail
 
-    async def create(self, record: ExecutionRecord, *, events: Any = ()) -> None:
+    async def create(
+        self,
+        record: ExecutionRecord,
+        *,
+        events: Any = (),
+        on_ordered: Callable[[], None] | None = None,
+    ) -> None:
         await self.gate.wait()
         if self.fail:
             raise OSError("disk full")
-        await super().create(record, events=events)
+        await super().create(record, events=events, on_ordered=on_ordered)
 
 
 async def test_run_overlaps_the_accept_write_but_waits_for_it(tmp_path: Path) -> None:

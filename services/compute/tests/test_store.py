@@ -242,3 +242,53 @@ async def test_fast_relay_publishes_at_commit_and_retries_failures(tmp_path: Pat
     finally:
         await relay.stop()
         await store.close()
+
+
+async def test_a_result_recorded_once_the_row_is_ordered_commits_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADR 0018: a quick run's outcome need not wait for its row's fsync; it joins the row's
+    group commit, so the two take one commit, and the creation is durable only with it."""
+    from shoal_common import sqlite_store
+
+    commits = 0
+    real_commit = sqlite_store._commit
+
+    def counting_commit(conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+        real_commit(conn)
+
+    monkeypatch.setattr(sqlite_store, "_commit", counting_commit)
+    store = SqlExecutionStore(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    await store.start()
+    try:
+        rec = record()
+        ordered = asyncio.Event()
+        creating = asyncio.create_task(store.create(rec, on_ordered=ordered.set))
+        await ordered.wait()
+        assert not creating.done()  # ordered, not yet durable
+        done = await store.transition(
+            rec.id,
+            expected=[LocalState.ACCEPTED],
+            new=LocalState.COMPLETED,
+            events=[
+                ExecutionFailed(job_id=rec.job_id, execution_id=rec.id, node_id="n", error="x")
+            ],
+        )
+        await creating
+        assert done.state is LocalState.COMPLETED
+        assert commits == 1
+        assert (await store.get(rec.id)).state is LocalState.COMPLETED
+    finally:
+        await store.close()
+
+
+async def test_on_ordered_is_called_once_for_every_store(store: ExecutionStore) -> None:
+    calls: list[str] = []
+    rec = record()
+    await store.create(rec, on_ordered=lambda: calls.append(rec.id))
+    assert calls == [rec.id]
+    with pytest.raises(Conflict):
+        await store.create(rec, on_ordered=lambda: calls.append("again"))
+    assert calls == [rec.id]  # a refused creation orders nothing

@@ -197,23 +197,33 @@ class ComputeNode:
         self._traces[eid] = tracing.inject({})
         row = asyncio.get_running_loop().create_future()
         self._rows[eid] = row
+
+        def ordered() -> None:
+            if not row.done():
+                row.set_result(None)
+
         # Queued at once: a short run overlaps the write instead of following it; whatever
-        # records its outcome waits for the row first (row_written).
+        # records its outcome waits for the row first (row_written), and with group commit
+        # only until the row is in the open group, so a quick result commits with it.
         self.queue.push(eid)
         try:
-            await self._store.create(record)
+            await self._store.create(record, on_ordered=ordered)
         except BaseException as exc:
-            row.set_exception(RowNotWritten(f"execution {eid} could not be stored: {exc!r}"))
-            row.exception()  # retrieved: waiters re-raise it, nobody else needs to
+            # A writer already let through fails on its own: its write joined this one's
+            # failed group, or finds no row.
+            if not row.done():
+                row.set_exception(RowNotWritten(f"execution {eid} could not be stored: {exc!r}"))
+                row.exception()  # retrieved: waiters re-raise it, nobody else needs to
             del self._rows[eid]
             await self._abandon(eid)
             raise
-        row.set_result(None)
+        ordered()
         del self._rows[eid]
         return Ack()
 
     async def row_written(self, execution_id: str) -> None:
-        """Return once the execution's row is stored (raises RowNotWritten if it never is)."""
+        """Return once writes of the execution's row are ordered after its creation: it is
+        stored, or (group commit) in the open group (raises RowNotWritten if it never is)."""
         pending = self._rows.get(execution_id)
         if pending is not None:
             await asyncio.shield(pending)

@@ -40,8 +40,20 @@ class ExecutionStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def create(self, record: ExecutionRecord, *, events: Sequence[Event] = ()) -> None:
-        """Store a new execution; raises Conflict if the id exists."""
+    async def create(
+        self,
+        record: ExecutionRecord,
+        *,
+        events: Sequence[Event] = (),
+        on_ordered: Callable[[], None] | None = None,
+    ) -> None:
+        """Store a new execution; raises Conflict if the id exists.
+
+        ``on_ordered`` is called once any write started after it is ordered after this one,
+        even before this one is durable: it then commits with it, or after it, or fails with
+        it. With SQLite's group commit that is as soon as the row is in the open group; else
+        when it is committed.
+        """
         ...
 
     async def find(self, execution_id: str) -> ExecutionRecord | None: ...

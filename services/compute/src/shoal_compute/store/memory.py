@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from shoal_common.errors import Conflict, InvalidTransition, NotFound
@@ -28,11 +28,19 @@ class MemoryExecutionStore:
     def _stage(self, events: Sequence[Event]) -> None:
         self.outbox.extend(Envelope.wrap(e) for e in events)
 
-    async def create(self, record: ExecutionRecord, *, events: Sequence[Event] = ()) -> None:
+    async def create(
+        self,
+        record: ExecutionRecord,
+        *,
+        events: Sequence[Event] = (),
+        on_ordered: Callable[[], None] | None = None,
+    ) -> None:
         if record.id in self._records:
             raise Conflict(f"execution {record.id} already exists")
         self._records[record.id] = record
         self._stage(events)
+        if on_ordered is not None:
+            on_ordered()
 
     async def find(self, execution_id: str) -> ExecutionRecord | None:
         return self._records.get(execution_id)

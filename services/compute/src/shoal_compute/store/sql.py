@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from shoal_common.errors import Conflict, InvalidTransition, NotFound
 from shoal_common.events import Envelope, Event
 from shoal_common.protocol import Capacity
 from shoal_common.spec import RunOutput
+from shoal_common.sqlite_store import GroupCommitEngine
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
 from shoal_compute.store.base import PublishFn, Relay
 from shoal_compute.store.tables import executions, outbox
@@ -95,7 +96,13 @@ class SqlExecutionStore:
             await self._engine.dispose()
             self._engine = None
 
-    async def create(self, record: ExecutionRecord, *, events: Sequence[Event] = ()) -> None:
+    async def create(
+        self,
+        record: ExecutionRecord,
+        *,
+        events: Sequence[Event] = (),
+        on_ordered: Callable[[], None] | None = None,
+    ) -> None:
         values = {
             "id": record.id,
             "job_id": record.job_id,
@@ -114,8 +121,16 @@ class SqlExecutionStore:
             async with self.engine.begin() as conn:
                 await conn.execute(_INSERT_EXECUTION, values)
                 staged = await add_to_outbox(conn, outbox, *events)
+                if on_ordered is not None and isinstance(self.engine, GroupCommitEngine):
+                    # The group's writer lock is held until this block ends: a transition
+                    # of the row started now runs after it, in this group or a later one.
+                    # Its result then commits with the row (one fsync, ADR 0018).
+                    on_ordered()
+                    on_ordered = None
         except IntegrityError as exc:
             raise Conflict(f"execution {record.id} already exists") from exc
+        if on_ordered is not None:
+            on_ordered()
         self._handoff(staged)
 
     async def find(self, execution_id: str) -> ExecutionRecord | None:
