@@ -568,6 +568,10 @@ async def test_an_acceptance_whose_answer_was_lost_is_sent_again_not_failed() ->
         await node.stop()
 
 
+def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # a step of CPU-bound work: nothing else on the loop runs meanwhile
+
+
 class _CountingNode(FakeComputeNode):
     """Answers asks after a pause, counting how many it holds at once."""
 
@@ -604,7 +608,7 @@ async def test_a_placement_waits_while_the_event_loop_is_congested() -> None:
 
         async def hog() -> None:  # a busy loop: 20 ms steps, always ready to run again
             while congested:
-                time.sleep(0.02)
+                _hold_the_loop(0.02)
                 await asyncio.sleep(0)
 
         hogs = [asyncio.create_task(hog()) for _ in range(2)]
@@ -624,7 +628,7 @@ async def test_a_congested_loop_delays_a_placement_by_at_most_the_yield_bound() 
 
         async def hog() -> None:
             while not stop.is_set():
-                time.sleep(0.02)
+                _hold_the_loop(0.02)
                 await asyncio.sleep(0)
 
         hogs = [asyncio.create_task(hog()) for _ in range(2)]
