@@ -8,6 +8,7 @@ consumers also de-duplicate on it, so a relay that re-sends after a crash is har
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import datetime
 from typing import Any, ClassVar
@@ -29,10 +30,41 @@ from shoal_common.spec import (
 from shoal_common.subjects import Producer, event
 
 
+class _IdRandomness(threading.local):
+    """Random bytes for ids, drawn from the OS a batch at a time.
+
+    ``os.urandom`` per id was a system call that let go of the GIL: on the requester's event
+    loop, getting it back could wait for another thread's switch interval (ADR 0018). One draw
+    per 256 ids keeps the same source. Per thread, and drawn anew in a forked child, so no two
+    processes or threads ever share bytes.
+    """
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self.pool = b""
+        self.at = 0
+        self.generation = -1
+
+    def take(self, size: int) -> bytes:
+        if self.at + size > len(self.pool) or self.generation != _FORKS[0]:
+            self.pool = os.urandom(size * self.BATCH)
+            self.at = 0
+            self.generation = _FORKS[0]
+        chunk = self.pool[self.at : self.at + size]
+        self.at += size
+        return chunk
+
+
+_FORKS = [0]
+os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+_ID_RANDOMNESS = _IdRandomness()
+
+
 def new_id() -> str:
     """Time-ordered unique id (UUIDv7 layout), so ids sort by creation."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(_ID_RANDOMNESS.take(10), "big")
     value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62)
     value |= rand & ((1 << 62) - 1)
     h = f"{value:032x}"
