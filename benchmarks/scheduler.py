@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Environment, add_common_args, emit
+from shoal_common import collector
 from shoal_common.protocol import (
     Ack,
     AskBid,
@@ -118,6 +119,7 @@ async def placement_rate(
     )
     await store.open()
     orchestrator.start()
+    collector.tune_for_service()  # as `shoal serve` does once the service is up (ADR 0018)
     try:
         records = [make_job() for _ in range(jobs)]
         for i in range(0, jobs, 256):  # create in batches (group commit), untimed
