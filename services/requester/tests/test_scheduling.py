@@ -593,10 +593,19 @@ async def test_a_burst_of_submits_places_at_most_placement_parallelism_jobs_at_o
     async with harness(placement_parallelism=3) as h:
         node = await _CountingNode(h.bus, "n0", info=node_info("n0", cpu=100)).start()
         job_ids = [await h.submit() for _ in range(20)]
+        await asyncio.sleep(0)  # the placements' tasks take their first step
+        assert _placements_waiting() > 0  # the backlog shows (shoal_requester_placements_waiting)
         for job_id in job_ids:
             assert (await h.wait_state(job_id, timeout=10)).state is JS.COMPLETED
         assert node.most == 3
         assert len(node.asked) == 20
+        assert _placements_waiting() == 0
+
+
+def _placements_waiting() -> float:
+    from shoal_requester import metrics
+
+    return float(metrics.PLACEMENTS_WAITING._value.get())
 
 
 async def test_a_placement_waits_while_the_event_loop_is_congested() -> None:

@@ -38,6 +38,10 @@ JOB_STAGE = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 QUEUED_JOBS = Gauge("shoal_requester_queued_jobs", "Jobs waiting for capacity")
+PLACEMENTS_WAITING = Gauge(
+    "shoal_requester_placements_waiting",
+    "Placements waiting for a lane or for a congested event loop (a backlog of New jobs)",
+)
 LIVE_NODES = Gauge("shoal_requester_live_nodes", "Compute nodes sending heartbeats")
 NODES_LOST = Counter("shoal_requester_nodes_lost_total", "Compute nodes declared lost")
 NODE_OUTCOMES = Counter(

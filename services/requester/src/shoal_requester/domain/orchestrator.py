@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -325,8 +325,7 @@ class Orchestrator:
         delay = PLACEMENT_RETRY_FIRST
         while True:
             try:
-                async with self._placement_lanes:
-                    await self._yield_to_busy_loop()
+                async with self._lane():
                     if fresh is not None:
                         await self.place(job_id, fresh=fresh, executions=[])
                     else:
@@ -339,6 +338,21 @@ class Orchestrator:
             await asyncio.sleep(delay)
             delay = min(delay * 2, PLACEMENT_RETRY_MAX)
             fresh = None  # read the job again: the database is the truth after an outage
+
+    @contextlib.asynccontextmanager
+    async def _lane(self) -> AsyncIterator[None]:
+        """A placement lane, taken once the event loop is not congested (ADR 0018)."""
+        waiting = True
+        metrics.PLACEMENTS_WAITING.inc()
+        try:
+            async with self._placement_lanes:
+                await self._yield_to_busy_loop()
+                waiting = False
+                metrics.PLACEMENTS_WAITING.dec()
+                yield
+        finally:
+            if waiting:
+                metrics.PLACEMENTS_WAITING.dec()
 
     async def _yield_to_busy_loop(self) -> None:
         """Wait while the event loop is congested, so API requests go before new placements.
