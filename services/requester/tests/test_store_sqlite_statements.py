@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,10 +12,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from shoal_common.db import DATABASE_UNAVAILABLE
-from shoal_common.events import Envelope, ExecutionsPlanned
-from shoal_common.spec import Deal, VerifierType
-from shoal_common.testing import wait_for
-from shoal_requester.domain.model import Changes
 from shoal_requester.store.sql import (
     _HISTORY_COLUMNS,
     _INSERT_HISTORY,
@@ -30,7 +25,6 @@ from shoal_requester.store.sql import (
     _sqlite_statement,
 )
 from shoal_requester.store.tables import UTCDateTime
-from shoal_requester.testing import make_job
 
 _DIALECT = sqlite_dialect.dialect()
 _DATETIME = UTCDateTime().dialect_impl(_DIALECT)
@@ -137,51 +131,3 @@ async def test_driver_errors_surface_as_sqlalchemy_errors(tmp_path: Path) -> Non
             conn.close()
     finally:
         await store.close()
-
-
-async def test_the_outbox_relay_deletes_through_the_stores_one_writer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ADR 0018: group statements run on the event loop, so no other connection may write:
-    one that held the write lock across an await (the relay's delete on its own engine did)
-    stalled the loop for the 30 s busy timeout ("database is locked")."""
-    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
-    await store.open()
-    writes: list[int] = []
-    real_write = store._write
-
-    async def counted_write(op: Any) -> Any:
-        writes.append(1)
-        return await real_write(op)
-
-    monkeypatch.setattr(store, "_write", counted_write)
-    published: list[Envelope] = []
-
-    async def publish(envelope: Envelope) -> None:
-        published.append(envelope)
-
-    try:
-        job, _ = await store.create_job(make_job())
-        planned = ExecutionsPlanned(
-            job_id=job.id, expected=1, verifier=VerifierType.NOOP, deal=Deal(Concurrency=1)
-        )
-        await store.apply(Changes(events=[planned]))
-        before = len(writes)
-        await store.start_outbox(publish)
-        await wait_for(lambda: _async_true(published))
-        await wait_for(lambda: _outbox_rows_left(store, 0))
-        assert len(writes) > before  # the delete was a write of the store's own writer
-    finally:
-        await store.stop_outbox()
-        await store.close()
-
-
-async def _async_true(value: object) -> bool:
-    return bool(value)
-
-
-async def _outbox_rows_left(store: SqlRequesterStore, expected: int) -> bool:
-    def count(conn: Any) -> int:
-        return int(conn.exec_driver_sql("SELECT count(*) FROM outbox").scalar())
-
-    return await store._read(count) == expected

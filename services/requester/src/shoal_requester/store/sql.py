@@ -37,7 +37,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    delete,
     event,
     exists,
     insert,
@@ -321,7 +320,6 @@ _INSERT_JOB = insert(jobs)
 _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
-_DELETE_OUTBOX_ROW = delete(outbox).where(outbox.c.seq == bindparam("b_seq"))
 _INSERT_HISTORY = insert(history)
 _HISTORY_COLUMNS = (
     "job_id",
@@ -1154,19 +1152,9 @@ class SqlRequesterStore:
         return self._fanout.subscribe(listener)
 
     async def start_outbox(self, publish: Publish) -> None:
-        # On SQLite the relay deletes through this store's writer: a second writing connection
-        # could hold the write lock across an await while the event loop waited on that lock
-        # in a group's statements (ADR 0018), stalling both for the busy timeout.
-        own_writer = self._delete_relayed if self._sqlite else None
-        self._relay = OutboxRelay(
-            self.engine, outbox, publish, service="requester", delete_rows=own_writer
-        )
+        self._relay = OutboxRelay(self.engine, outbox, publish, service="requester")
         self._relay.start()
         self._relay.notify()  # events committed before a restart go out at once
-
-    async def _delete_relayed(self, seqs: list[int]) -> None:
-        params = [{"b_seq": seq} for seq in seqs]
-        await self._write(lambda conn: _Written(_run(conn, _DELETE_OUTBOX_ROW, params)[0]))
 
     async def stop_outbox(self) -> None:
         if self._relay is not None:
