@@ -265,12 +265,8 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         idle_poll_interval: float = IDLE_POLL_INTERVAL_S,
         batch: int = 500,
-        delete_rows: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
-        """``delete_rows`` removes relayed rows by seq, for a store whose writes must all go through
-        its own writer (the requester on SQLite); by default they are deleted on ``engine``."""
         self._engine = engine
-        self._delete_rows = delete_rows
         self._outbox = outbox
         self._publish = publish
         self._service = service
@@ -339,9 +335,6 @@ class OutboxRelay:
         now = time.time()
         for r in rows:
             self._lag.observe(max(0.0, now - r.created))
-        if self._delete_rows is not None:
-            await self._delete_rows([r.seq for r in rows])
-            return len(rows)
         async with self._engine.begin() as conn:
             await conn.execute(self._delete_seq, [{"b_seq": r.seq} for r in rows])
         return len(rows)

@@ -37,7 +37,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    delete,
     event,
     exists,
     insert,
@@ -324,7 +323,6 @@ _INSERT_JOB = insert(jobs)
 _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
-_DELETE_OUTBOX_ROW = delete(outbox).where(outbox.c.seq == bindparam("b_seq"))
 _INSERT_HISTORY = insert(history)
 _HISTORY_COLUMNS = (
     "job_id",
@@ -1193,30 +1191,9 @@ class SqlRequesterStore:
         return self._fanout.subscribe(listener)
 
     async def start_outbox(self, publish: Publish) -> None:
-        delete_rows = self._delete_relayed if self._sqlite else None
-        self._relay = OutboxRelay(
-            self.engine, outbox, publish, service="requester", delete_rows=delete_rows
-        )
+        self._relay = OutboxRelay(self.engine, outbox, publish, service="requester")
         self._relay.start()
         self._relay.notify()  # events committed before a restart go out at once
-
-    async def _delete_relayed(self, seqs: list[int]) -> None:
-        """Delete relayed rows in one trip to a reader thread, statement and COMMIT together.
-
-        Through the async engine the DELETE and the COMMIT were two hops with the event loop
-        between them, and SQLite's write lock was held across that wait: the writer's groups
-        met it on the loop and had to be redone in the writer thread (ADR 0018).
-        """
-        if self._readers is None or self._sync is None:
-            raise RuntimeError("store not open")
-        engine = self._sync
-        params = [{"b_seq": seq} for seq in seqs]
-
-        def run() -> None:
-            with engine.begin() as conn:
-                _run(conn, _DELETE_OUTBOX_ROW, params)
-
-        await asyncio.get_running_loop().run_in_executor(self._readers, run)
 
     async def stop_outbox(self) -> None:
         if self._relay is not None:
