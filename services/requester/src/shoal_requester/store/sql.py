@@ -85,9 +85,6 @@ _CHUNK = 500
 # Writes committed together at most (SQLite group commit).
 _MAX_BATCH = 256
 _READ_THREADS = 4
-# How long a connection waits for SQLite's write lock; the writer's statements on the event loop
-# never wait (see SqlRequesterStore._commit_group).
-_BUSY_TIMEOUT_MS = 30_000
 # list_executions of at most this many jobs is a keyed read, run on the event loop.
 _KEYED_READ_JOBS = 8
 
@@ -730,20 +727,6 @@ def _list_executions(conn: Connection, job_ids: Sequence[str]) -> dict[str, list
     return out
 
 
-def _write_lock_busy(exc: BaseException) -> bool:
-    """SQLite's write lock is held by another connection (SQLITE_BUSY or an extended form)."""
-    code = getattr(getattr(exc, "orig", exc), "sqlite_errorcode", None)
-    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
-
-
-def _set_busy_timeout(conn: Connection, ms: int) -> None:
-    # On the driver: a PRAGMA opens no transaction there, and SQLAlchemy's own state is left
-    # alone (the connection may be between groups, or about to begin one).
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    dbapi.execute(f"PRAGMA busy_timeout={int(ms)}")
-
-
 def _rollback_quietly(conn: Connection) -> None:
     with contextlib.suppress(Exception):
         conn.rollback()
@@ -768,7 +751,7 @@ def _sqlite_engine(url: str) -> Engine:
         # loss); WAL lets readers run beside the single writer.
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
-        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -951,10 +934,7 @@ class SqlRequesterStore:
         The statements run here, on the event loop: they take microseconds each, and run in
         the writer thread they paid a GIL hand-over per statement, several milliseconds each
         while the loop was busy (ADR 0018). Only the COMMIT, where the fsync is, goes to the
-        writer thread. Here the writer connection never waits for SQLite's write lock (busy
-        timeout 0): if another connection holds it (the outbox relay's delete, which gives it
-        back only after an await on this loop), the group is run again in the writer thread,
-        which may wait for it without stopping the loop.
+        writer thread.
         """
         loop = asyncio.get_running_loop()
         conn = self._writer_connection()
@@ -963,8 +943,6 @@ class SqlRequesterStore:
             written = _run_group(conn, ops)
         except Exception as exc:
             transaction.rollback()
-            if _write_lock_busy(exc):
-                return await loop.run_in_executor(self._writer, self._commit_waiting, ops)
             if len(ops) == 1:
                 return [exc]
             return await loop.run_in_executor(self._writer, self._commit_each, ops)
@@ -980,24 +958,7 @@ class SqlRequesterStore:
         if self._writer_conn is None:
             assert self._sync is not None
             self._writer_conn = self._sync.connect()
-            _set_busy_timeout(self._writer_conn, 0)
         return self._writer_conn
-
-    def _commit_waiting(self, ops: list[_Op]) -> list[_Written | BaseException]:
-        """In the writer thread: the group as one transaction (each op alone if that fails),
-        waiting for the write lock as long as the usual busy timeout allows."""
-        conn = self._writer_connection()
-        _set_busy_timeout(conn, _BUSY_TIMEOUT_MS)
-        try:
-            try:
-                with conn.begin():
-                    return _run_group(conn, ops)
-            except Exception as exc:
-                if len(ops) == 1:
-                    return [exc]
-            return self._commit_each(ops)
-        finally:
-            _set_busy_timeout(conn, 0)
 
     def _commit_each(self, ops: list[_Op]) -> list[_Written | BaseException]:
         """In the writer thread: each op in a transaction of its own (a group failed)."""
