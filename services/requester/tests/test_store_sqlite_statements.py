@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from shoal_requester.store.sql import (
     _sqlite_statement,
 )
 from shoal_requester.store.tables import UTCDateTime
+from shoal_requester.testing import make_job
 
 _DIALECT = sqlite_dialect.dialect()
 _DATETIME = UTCDateTime().dialect_impl(_DIALECT)
@@ -130,4 +133,31 @@ async def test_driver_errors_surface_as_sqlalchemy_errors(tmp_path: Path) -> Non
         finally:
             conn.close()
     finally:
+        await store.close()
+
+
+async def test_a_write_meeting_another_connections_lock_does_not_stop_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """ADR 0018: the outbox relay writes the file on another connection and gives the write
+    lock back only after an await on this loop. Statements that waited for it on the loop
+    stalled both for the 30 s busy timeout ("database is locked"); in the writer thread they
+    wait without stopping the loop."""
+    path = tmp_path / "requester.db"
+    store = SqlRequesterStore(f"sqlite:///{path}")
+    await store.open()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, until this loop lets it go
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, holder.execute, "COMMIT")
+        started = loop.time()
+        job, created = await store.create_job(make_job())
+        assert created
+        assert loop.time() - started < 5  # not the 30 s busy timeout with the loop stopped
+        assert (await store.get_job(job.id)).id == job.id
+        again, _ = await asyncio.wait_for(store.create_job(make_job()), 5)
+        assert (await store.get_job(again.id)).id == again.id
+    finally:
+        holder.close()
         await store.close()

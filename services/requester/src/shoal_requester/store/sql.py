@@ -727,11 +727,6 @@ def _list_executions(conn: Connection, job_ids: Sequence[str]) -> dict[str, list
     return out
 
 
-def _rollback_quietly(conn: Connection) -> None:
-    with contextlib.suppress(Exception):
-        conn.rollback()
-
-
 def _sqlite_engine(url: str) -> Engine:
     """The stdlib driver with the pragmas of shoal_common.db.create_engine (durable commits)."""
     sync_url = make_url(normalise_url(url)).set(drivername="sqlite+pysqlite")
@@ -901,6 +896,7 @@ class SqlRequesterStore:
         return (await fut).result
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         assert self._writer is not None
         while True:
             await self._wake.wait()
@@ -911,7 +907,9 @@ class SqlRequesterStore:
                 if not batch:
                     continue
                 try:
-                    outcomes = await self._commit_group([op for op, _ in batch])
+                    outcomes = await loop.run_in_executor(
+                        self._writer, self._commit, [op for op, _ in batch]
+                    )
                 except asyncio.CancelledError:
                     for _op, fut in batch:
                         if not fut.done():
@@ -928,41 +926,23 @@ class SqlRequesterStore:
                     if not fut.done():
                         fut.set_result(outcome)
 
-    async def _commit_group(self, ops: list[_Op]) -> list[_Written | BaseException]:
-        """All ops in one transaction, or each on its own if one fails.
+    def _commit(self, ops: list[_Op]) -> list[_Written | BaseException]:
+        """In the writer thread: all ops in one transaction, or each on its own if one fails.
 
-        The statements run here, on the event loop: they take microseconds each, and run in
-        the writer thread they paid a GIL hand-over per statement, several milliseconds each
-        while the loop was busy (ADR 0018). Only the COMMIT, where the fsync is, goes to the
-        writer thread.
+        The statements stay in this thread, not on the event loop as in the other services'
+        stores: the outbox relay writes the same file on another connection, and a statement
+        on the loop that met its write lock would stop the loop (ADR 0018).
         """
-        loop = asyncio.get_running_loop()
-        conn = self._writer_connection()
-        transaction = conn.begin()
-        try:
-            written = _run_group(conn, ops)
-        except Exception as exc:
-            transaction.rollback()
-            if len(ops) == 1:
-                return [exc]
-            return await loop.run_in_executor(self._writer, self._commit_each, ops)
-        try:
-            # shield: a cancelled writer still finishes (or fails) the fsync in flight.
-            await asyncio.shield(loop.run_in_executor(self._writer, transaction.commit))
-        except Exception as exc:
-            await asyncio.shield(loop.run_in_executor(self._writer, _rollback_quietly, conn))
-            return [exc] * len(ops)
-        return written
-
-    def _writer_connection(self) -> Connection:
         if self._writer_conn is None:
             assert self._sync is not None
             self._writer_conn = self._sync.connect()
-        return self._writer_conn
-
-    def _commit_each(self, ops: list[_Op]) -> list[_Written | BaseException]:
-        """In the writer thread: each op in a transaction of its own (a group failed)."""
-        conn = self._writer_connection()
+        conn = self._writer_conn
+        try:
+            with conn.begin():
+                return _run_group(conn, ops)
+        except Exception as exc:
+            if len(ops) == 1:
+                return [exc]
         outcomes: list[_Written | BaseException] = []
         for op in ops:
             try:
