@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from shoal_common.db import DATABASE_UNAVAILABLE
+from shoal_common.events import Envelope, ExecutionsPlanned
+from shoal_common.spec import Deal, VerifierType
+from shoal_common.testing import wait_for
+from shoal_requester.domain.model import Changes
 from shoal_requester.store.sql import (
     _HISTORY_COLUMNS,
     _INSERT_HISTORY,
@@ -161,3 +166,42 @@ async def test_a_write_meeting_another_connections_lock_does_not_stop_the_event_
     finally:
         holder.close()
         await store.close()
+
+
+async def test_relayed_rows_are_deleted_by_the_writer_once_and_never_relayed_twice(
+    tmp_path: Path,
+) -> None:
+    """ADR 0018: the relay hands relayed rows to the store's writer, which deletes them in its
+    next group (or one of their own when idle); meanwhile they are not published again."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    published: list[str] = []
+
+    async def publish(envelope: Envelope) -> None:
+        published.append(envelope.id)
+
+    try:
+        await store.start_outbox(publish)
+        jobs = [(await store.create_job(make_job()))[0] for _ in range(5)]
+        for job in jobs:  # each commit wakes the relay while earlier deletes may be pending
+            planned = ExecutionsPlanned(
+                job_id=job.id, expected=1, verifier=VerifierType.NOOP, deal=Deal(Concurrency=1)
+            )
+            await store.apply(Changes(events=[planned]))
+        await wait_for(lambda: _async_true(len(published) >= 5))
+        await wait_for(lambda: _outbox_rows_left(store, 0))  # deleted while idle, too
+        assert len(published) == len(set(published)) == 5
+    finally:
+        await store.stop_outbox()
+        await store.close()
+
+
+async def _async_true(value: object) -> bool:
+    return bool(value)
+
+
+async def _outbox_rows_left(store: SqlRequesterStore, expected: int) -> bool:
+    def count(conn: Any) -> int:
+        return int(conn.exec_driver_sql("SELECT count(*) FROM outbox").scalar())
+
+    return await store._read(count) == expected

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +265,14 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         idle_poll_interval: float = IDLE_POLL_INTERVAL_S,
         batch: int = 500,
+        delete_rows: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
+        """``delete_rows`` hands relayed rows (by seq) to a store that deletes them with its
+        own next write (the requester on SQLite: one writer per file); until they are gone,
+        they are not relayed again. By default they are deleted here, on ``engine``."""
         self._engine = engine
+        self._delete_rows = delete_rows
+        self._deleting: set[int] = set()
         self._outbox = outbox
         self._publish = publish
         self._service = service
@@ -327,7 +333,12 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish up to one batch; returns how many rows were relayed."""
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(self._select_rows)).all()
+            rows: Sequence[Any] = (await conn.execute(self._select_rows)).all()
+        if self._deleting:
+            # Handed to delete_rows and not deleted yet: skip them. Those no longer here are
+            # gone for good.
+            self._deleting.intersection_update(r.seq for r in rows)
+            rows = [r for r in rows if r.seq not in self._deleting]
         if not rows:
             return 0
         envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
@@ -335,6 +346,11 @@ class OutboxRelay:
         now = time.time()
         for r in rows:
             self._lag.observe(max(0.0, now - r.created))
+        if self._delete_rows is not None:
+            seqs = [r.seq for r in rows]
+            self._deleting.update(seqs)
+            await self._delete_rows(seqs)
+            return len(rows)
         async with self._engine.begin() as conn:
             await conn.execute(self._delete_seq, [{"b_seq": r.seq} for r in rows])
         return len(rows)

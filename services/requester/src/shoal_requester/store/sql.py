@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    delete,
     event,
     exists,
     insert,
@@ -85,6 +86,9 @@ _CHUNK = 500
 # Writes committed together at most (SQLite group commit).
 _MAX_BATCH = 256
 _READ_THREADS = 4
+# How long a connection waits for SQLite's write lock; the writer's statements on the event loop
+# never wait (see SqlRequesterStore._commit_group).
+_BUSY_TIMEOUT_MS = 30_000
 # list_executions of at most this many jobs is a keyed read, run on the event loop.
 _KEYED_READ_JOBS = 8
 
@@ -320,6 +324,7 @@ _INSERT_JOB = insert(jobs)
 _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
+_DELETE_OUTBOX_ROW = delete(outbox).where(outbox.c.seq == bindparam("b_seq"))
 _INSERT_HISTORY = insert(history)
 _HISTORY_COLUMNS = (
     "job_id",
@@ -727,6 +732,25 @@ def _list_executions(conn: Connection, job_ids: Sequence[str]) -> dict[str, list
     return out
 
 
+def _write_lock_busy(exc: BaseException) -> bool:
+    """SQLite's write lock is held by another connection (SQLITE_BUSY or an extended form)."""
+    code = getattr(getattr(exc, "orig", exc), "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _set_busy_timeout(conn: Connection, ms: int) -> None:
+    # On the driver: a PRAGMA opens no transaction there, and SQLAlchemy's own state is left
+    # alone (the connection may be between groups, or about to begin one).
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    dbapi.execute(f"PRAGMA busy_timeout={int(ms)}")
+
+
+def _rollback_quietly(conn: Connection) -> None:
+    with contextlib.suppress(Exception):
+        conn.rollback()
+
+
 def _sqlite_engine(url: str) -> Engine:
     """The stdlib driver with the pragmas of shoal_common.db.create_engine (durable commits)."""
     sync_url = make_url(normalise_url(url)).set(drivername="sqlite+pysqlite")
@@ -746,7 +770,7 @@ def _sqlite_engine(url: str) -> Engine:
         # loss); WAL lets readers run beside the single writer.
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -807,6 +831,7 @@ class SqlRequesterStore:
         self._writer: ThreadPoolExecutor | None = None
         self._writer_conn: Connection | None = None
         self._queue: list[tuple[_Op, asyncio.Future[_Written]]] = []
+        self._relayed: list[int] = []  # outbox rows relayed, deleted with the next group
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
 
@@ -896,20 +921,17 @@ class SqlRequesterStore:
         return (await fut).result
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         assert self._writer is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
+            while self._queue or self._relayed:
                 batch = [(op, fut) for op, fut in self._queue[:_MAX_BATCH] if not fut.done()]
                 del self._queue[:_MAX_BATCH]
-                if not batch:
+                if not batch and not self._relayed:
                     continue
                 try:
-                    outcomes = await loop.run_in_executor(
-                        self._writer, self._commit, [op for op, _ in batch]
-                    )
+                    outcomes = await self._commit_group([op for op, _ in batch])
                 except asyncio.CancelledError:
                     for _op, fut in batch:
                         if not fut.done():
@@ -926,23 +948,69 @@ class SqlRequesterStore:
                     if not fut.done():
                         fut.set_result(outcome)
 
-    def _commit(self, ops: list[_Op]) -> list[_Written | BaseException]:
-        """In the writer thread: all ops in one transaction, or each on its own if one fails.
+    async def _commit_group(self, ops: list[_Op]) -> list[_Written | BaseException]:
+        """All ops in one transaction, or each on its own if one fails.
 
-        The statements stay in this thread, not on the event loop as in the other services'
-        stores: the outbox relay writes the same file on another connection, and a statement
-        on the loop that met its write lock would stop the loop (ADR 0018).
+        The statements run here, on the event loop: they take microseconds each, and run in
+        the writer thread they paid a GIL hand-over per statement, several milliseconds each
+        while the loop was busy (ADR 0018). Only the COMMIT, where the fsync is, goes to the
+        writer thread. Nothing of ours writes the file besides: the outbox relay's deletes
+        ride along in the next group (``_delete_relayed``). Should another connection hold
+        the write lock anyway (an operator's tool), the writer connection does not wait for it
+        here (busy timeout 0): the group is run again in the writer thread, which may wait
+        without stopping the loop.
         """
+        loop = asyncio.get_running_loop()
+        conn = self._writer_connection()
+        relayed, self._relayed = self._relayed, []
+        transaction = conn.begin()
+        try:
+            if relayed:
+                _run(conn, _DELETE_OUTBOX_ROW, [{"b_seq": seq} for seq in relayed])
+            written = _run_group(conn, ops)
+        except Exception as exc:
+            transaction.rollback()
+            self._relayed.extend(relayed)  # with the next group
+            if _write_lock_busy(exc):  # someone else writes the file: wait in the thread
+                return await loop.run_in_executor(self._writer, self._commit_waiting, ops)
+            if not ops or len(ops) == 1:
+                return [exc] * len(ops)
+            return await loop.run_in_executor(self._writer, self._commit_each, ops)
+        try:
+            # shield: a cancelled writer still finishes (or fails) the fsync in flight.
+            await asyncio.shield(loop.run_in_executor(self._writer, transaction.commit))
+        except Exception as exc:
+            await asyncio.shield(loop.run_in_executor(self._writer, _rollback_quietly, conn))
+            self._relayed.extend(relayed)
+            return [exc] * len(ops)
+        return written
+
+    def _writer_connection(self) -> Connection:
         if self._writer_conn is None:
             assert self._sync is not None
             self._writer_conn = self._sync.connect()
-        conn = self._writer_conn
+            _set_busy_timeout(self._writer_conn, 0)
+        return self._writer_conn
+
+    def _commit_waiting(self, ops: list[_Op]) -> list[_Written | BaseException]:
+        """In the writer thread: the group as one transaction (each op alone if that fails),
+        waiting for the write lock as long as the usual busy timeout allows."""
+        conn = self._writer_connection()
+        _set_busy_timeout(conn, _BUSY_TIMEOUT_MS)
         try:
-            with conn.begin():
-                return _run_group(conn, ops)
-        except Exception as exc:
-            if len(ops) == 1:
-                return [exc]
+            try:
+                with conn.begin():
+                    return _run_group(conn, ops)
+            except Exception as exc:
+                if len(ops) <= 1:
+                    return [exc] * len(ops)
+            return self._commit_each(ops)
+        finally:
+            _set_busy_timeout(conn, 0)
+
+    def _commit_each(self, ops: list[_Op]) -> list[_Written | BaseException]:
+        """In the writer thread: each op in a transaction of its own (a group failed)."""
+        conn = self._writer_connection()
         outcomes: list[_Written | BaseException] = []
         for op in ops:
             try:
@@ -951,6 +1019,12 @@ class SqlRequesterStore:
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+    async def _delete_relayed(self, seqs: list[int]) -> None:
+        """Relayed outbox rows are deleted in the writer's next group (one is started if none
+        is coming): no second connection writes the file, and no commit of their own."""
+        self._relayed.extend(seqs)
+        self._wake.set()
 
     def _close_writer(self) -> None:
         if self._writer_conn is not None:
@@ -1132,7 +1206,10 @@ class SqlRequesterStore:
         return self._fanout.subscribe(listener)
 
     async def start_outbox(self, publish: Publish) -> None:
-        self._relay = OutboxRelay(self.engine, outbox, publish, service="requester")
+        delete_rows = self._delete_relayed if self._sqlite else None
+        self._relay = OutboxRelay(
+            self.engine, outbox, publish, service="requester", delete_rows=delete_rows
+        )
         self._relay.start()
         self._relay.notify()  # events committed before a restart go out at once
 
