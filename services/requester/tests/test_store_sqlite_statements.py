@@ -205,3 +205,32 @@ async def _outbox_rows_left(store: SqlRequesterStore, expected: int) -> bool:
         return int(conn.exec_driver_sql("SELECT count(*) FROM outbox").scalar())
 
     return await store._read(count) == expected
+
+
+async def test_deleting_relayed_rows_that_fails_waits_for_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing deletes-only group (disk trouble) is not retried in a tight loop: the rows
+    wait for the next write."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    attempts = 0
+
+    async def failing_group(ops: list[Any]) -> list[Any]:
+        nonlocal attempts
+        attempts += 1
+        raise OSError("disk I/O error")
+
+    try:
+        monkeypatch.setattr(store, "_commit_group", failing_group)
+        await store._delete_relayed([1, 2])
+        await asyncio.sleep(0.2)
+        assert attempts == 1
+        assert store._relayed == [1, 2]  # kept for the next write's group
+        monkeypatch.undo()
+        job, _ = await asyncio.wait_for(store.create_job(make_job()), 5)  # the writer lives on
+        assert store._relayed == []
+        assert (await store.get_job(job.id)).id == job.id
+    finally:
+        monkeypatch.undo()
+        await store.close()

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy
+import structlog
 from sqlalchemy import (
     Connection,
     Engine,
@@ -93,6 +94,8 @@ _BUSY_TIMEOUT_MS = 30_000
 _KEYED_READ_JOBS = 8
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
 
 
 def _dumps(value: Any) -> str | None:
@@ -928,7 +931,14 @@ class SqlRequesterStore:
             while self._queue or self._relayed:
                 batch = [(op, fut) for op, fut in self._queue[:_MAX_BATCH] if not fut.done()]
                 del self._queue[:_MAX_BATCH]
-                if not batch and not self._relayed:
+                if not batch:
+                    if self._relayed:  # only relayed rows to delete (an idle moment)
+                        try:
+                            await self._commit_group([])
+                        except Exception as exc:  # the rows stay; sent again after a restart
+                            log.warning("outbox_delete_failed", error=repr(exc))
+                        if self._relayed:  # failed and put back: again with the next write
+                            break
                     continue
                 try:
                     outcomes = await self._commit_group([op for op, _ in batch])
