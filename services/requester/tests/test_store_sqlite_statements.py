@@ -234,3 +234,31 @@ async def test_deleting_relayed_rows_that_fails_waits_for_the_next_write(
     finally:
         monkeypatch.undo()
         await store.close()
+
+
+async def test_a_new_row_that_reuses_a_deleted_rows_seq_is_relayed(tmp_path: Path) -> None:
+    """SQLite gives a new row the largest rowid plus one: once the relayed row with the largest
+    seq is deleted, the next event gets its seq again, and must still be relayed."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    published: list[str] = []
+
+    async def publish(envelope: Envelope) -> None:
+        published.append(envelope.data["job_id"])
+
+    def planned(job_id: str) -> ExecutionsPlanned:
+        return ExecutionsPlanned(
+            job_id=job_id, expected=1, verifier=VerifierType.NOOP, deal=Deal(Concurrency=1)
+        )
+
+    try:
+        await store.start_outbox(publish)
+        await store.apply(Changes(events=[planned("first")]))
+        await wait_for(lambda: _async_true(published))
+        await wait_for(lambda: _outbox_rows_left(store, 0))  # deleted: seq 1 is free again
+        await store.apply(Changes(events=[planned("second")]))  # gets seq 1
+        await wait_for(lambda: _async_true(len(published) == 2))
+        assert published == ["first", "second"]
+    finally:
+        await store.stop_outbox()
+        await store.close()

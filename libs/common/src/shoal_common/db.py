@@ -272,7 +272,10 @@ class OutboxRelay:
         they are not relayed again. By default they are deleted here, on ``engine``."""
         self._engine = engine
         self._delete_rows = delete_rows
-        self._deleting: set[int] = set()
+        # seq -> envelope of rows handed to delete_rows and perhaps not deleted yet. The
+        # envelope tells a new row that reused a deleted row's seq (SQLite reuses the largest
+        # rowid once it is deleted) from the old one.
+        self._deleting: dict[int, bytes] = {}
         self._outbox = outbox
         self._publish = publish
         self._service = service
@@ -337,8 +340,9 @@ class OutboxRelay:
         if self._deleting:
             # Handed to delete_rows and not deleted yet: skip them. Those no longer here are
             # gone for good.
-            self._deleting.intersection_update(r.seq for r in rows)
-            rows = [r for r in rows if r.seq not in self._deleting]
+            pending = {r.seq for r in rows if self._deleting.get(r.seq) == r.envelope}
+            self._deleting = {seq: self._deleting[seq] for seq in pending}
+            rows = [r for r in rows if r.seq not in pending]
         if not rows:
             return 0
         envelopes = [Envelope.from_bytes(r.envelope) for r in rows]
@@ -347,9 +351,8 @@ class OutboxRelay:
         for r in rows:
             self._lag.observe(max(0.0, now - r.created))
         if self._delete_rows is not None:
-            seqs = [r.seq for r in rows]
-            self._deleting.update(seqs)
-            await self._delete_rows(seqs)
+            self._deleting.update((r.seq, r.envelope) for r in rows)
+            await self._delete_rows([r.seq for r in rows])
             return len(rows)
         async with self._engine.begin() as conn:
             await conn.execute(self._delete_seq, [{"b_seq": r.seq} for r in rows])
