@@ -593,13 +593,17 @@ async def test_a_burst_of_submits_places_at_most_placement_parallelism_jobs_at_o
     async with harness(placement_parallelism=3) as h:
         node = await _CountingNode(h.bus, "n0", info=node_info("n0", cpu=100)).start()
         job_ids = [await h.submit() for _ in range(20)]
-        await asyncio.sleep(0)  # the placements' tasks take their first step
-        assert _placements_waiting() > 0  # the backlog shows (shoal_requester_placements_waiting)
+        await wait_for(_a_backlog_shows)  # shoal_requester_placements_waiting
+        assert _placements_waiting() > 0
         for job_id in job_ids:
             assert (await h.wait_state(job_id, timeout=10)).state is JS.COMPLETED
         assert node.most == 3
         assert len(node.asked) == 20
         assert _placements_waiting() == 0
+
+
+async def _a_backlog_shows() -> bool:
+    return _placements_waiting() > 0
 
 
 def _placements_waiting() -> float:
@@ -622,7 +626,8 @@ async def test_a_placement_waits_while_the_event_loop_is_congested() -> None:
 
         hogs = [asyncio.create_task(hog()) for _ in range(2)]
         job_id = await h.submit()
-        await asyncio.sleep(0.3)
+        await wait_for(_a_backlog_shows)  # its placement has started waiting
+        await asyncio.sleep(0.3)  # a window in which it must not be placed (no event to await)
         assert node.asked == []  # waiting for the loop, not placed
         congested = False
         await asyncio.gather(*hogs)

@@ -224,7 +224,7 @@ async def test_deleting_relayed_rows_that_fails_waits_for_the_next_write(
     try:
         monkeypatch.setattr(store, "_commit_group", failing_group)
         await store._delete_relayed([1, 2])
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a window in which a tight retry loop would show (no event)
         assert attempts == 1
         assert store._relayed == [1, 2]  # kept for the next write's group
         monkeypatch.undo()

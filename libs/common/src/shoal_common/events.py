@@ -42,23 +42,24 @@ class _IdRandomness(threading.local):
     BATCH = 256
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.pool = b""
         self.at = 0
-        self.generation = -1
 
     def take(self, size: int) -> bytes:
-        if self.at + size > len(self.pool) or self.generation != _FORKS[0]:
+        if self.at + size > len(self.pool):
             self.pool = os.urandom(size * self.BATCH)
             self.at = 0
-            self.generation = _FORKS[0]
         chunk = self.pool[self.at : self.at + size]
         self.at += size
         return chunk
 
 
-_FORKS = [0]
-os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 _ID_RANDOMNESS = _IdRandomness()
+# A forked child has only the forking thread: drop the batch it inherited from the parent.
+os.register_at_fork(after_in_child=_ID_RANDOMNESS.reset)
 
 
 def new_id() -> str:

@@ -983,7 +983,7 @@ class SqlRequesterStore:
             self._relayed.extend(relayed)  # with the next group
             if _write_lock_busy(exc):  # someone else writes the file: wait in the thread
                 return await loop.run_in_executor(self._writer, self._commit_waiting, ops)
-            if not ops or len(ops) == 1:
+            if len(ops) <= 1:
                 return [exc] * len(ops)
             return await loop.run_in_executor(self._writer, self._commit_each, ops)
         try:
