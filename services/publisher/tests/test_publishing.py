@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from fastapi.responses import Response
 
 from shoal_common.bus import MemoryBus
 from shoal_common.cid import cid_of_path
+from shoal_common.content_store import ContentStore
 from shoal_common.events import (
     Envelope,
     Event,
@@ -30,10 +31,13 @@ from shoal_common.spec import (
     StorageSourceType,
     VerifierType,
 )
+from shoal_common.result_folder import cid_of_files, folder_from_run_output
 from shoal_common.testing import wait_for
+from shoal_publisher.adapters.content import AsyncContentStore
 from shoal_publisher.adapters.fetch import HttpResultFetcher, StaticResultFetcher
 from shoal_publisher.adapters.kubo import AioipfsKubo, FakeKubo
 from shoal_publisher.domain.models import PublishRequest, TransientPublishError
+from shoal_publisher.domain.publishers import LocalPublisher
 from shoal_publisher.domain.ports import KuboClient, ResultFetcher
 from shoal_publisher.service import PublisherService
 from shoal_publisher.settings import PublisherSettings
@@ -283,6 +287,36 @@ async def test_local_rebuilds_a_small_result_from_its_run_output(tmp_path: Path,
         stored = rig.service.content.path_of(cid_of_path(small))
         assert (stored / "stdout").read_bytes() == "hello \u2713\n".encode()
         assert (stored / "exitCode").read_bytes() == b"0"
+
+
+async def test_local_stores_a_repeated_small_result_once(tmp_path: Path) -> None:
+    """The same run output again (a canary, every node printing the same) is found stored and
+    published without a second write."""
+
+    class CountingContent(AsyncContentStore):
+        puts = 0
+
+        async def put_files(self, files: Mapping[str, bytes]) -> str:
+            self.puts += 1
+            return await super().put_files(files)
+
+    content = CountingContent(ContentStore(tmp_path / "content"))
+    publisher = LocalPublisher(
+        content,
+        StaticResultFetcher({}),
+        staging=tmp_path / "staging",
+        content_url="http://publisher.example",
+    )
+    said = RunOutput(stdout="Hello, world!\n", exitCode=0)
+    files = folder_from_run_output(said)
+    assert files is not None
+    cid = cid_of_files(files)
+    for execution_id in ("e1", "e2"):
+        request = PublishRequest("job-1", execution_id, "node-1", cid, run_output=said)
+        spec = await publisher.publish(request)
+        assert spec.cid == cid
+    assert content.puts == 1
+    assert (content.store.path_of(cid) / "stdout").read_bytes() == b"Hello, world!\n"
 
 
 async def test_local_cid_mismatch_fails(tmp_path: Path, results: Path, kit: Any) -> None:

@@ -10,13 +10,19 @@ from shoal_common.content_store import ContentStore
 
 
 class AsyncContentStore:
-    """:class:`~shoal_publisher.domain.ports.LocalContent`: store calls on worker threads."""
+    """:class:`~shoal_publisher.domain.ports.LocalContent`: file work on worker threads, the
+    keyed lookup on the event loop.
+
+    ``has`` is one indexed read of the store's WAL index (tens of microseconds, never waiting
+    for a writer); the hop to a thread and back cost a busy process 3 ms p50, waiting for the
+    GIL (wasm_e2e, a publish of an already stored result, docs/adr/0019).
+    """
 
     def __init__(self, store: ContentStore) -> None:
         self.store = store
 
     async def has(self, cid: str) -> bool:
-        return await asyncio.to_thread(self.store.has, cid)
+        return self.store.has(cid)
 
     async def put_path(self, path: Path) -> str:
         return await asyncio.to_thread(self.store.put_path, path)

@@ -115,6 +115,10 @@ class LocalPublisher:
         files = folder_from_run_output(request.run_output)
         if files is None or cid_of_files(files) != request.result_cid:
             return False
+        # Results repeat (a canary, the same print on every node): one stored already needs
+        # no write, and no trip to a worker thread.
+        if await self._content.has(request.result_cid):
+            return True
         return await self._content.put_files(files) == request.result_cid
 
 
