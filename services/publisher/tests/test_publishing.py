@@ -24,6 +24,7 @@ from shoal_common.events import (
     ResultProposed,
     ResultPublished,
 )
+from shoal_common.result_folder import cid_of_files, folder_from_run_output
 from shoal_common.spec import (
     PublisherSpec,
     PublisherType,
@@ -31,14 +32,13 @@ from shoal_common.spec import (
     StorageSourceType,
     VerifierType,
 )
-from shoal_common.result_folder import cid_of_files, folder_from_run_output
 from shoal_common.testing import wait_for
 from shoal_publisher.adapters.content import AsyncContentStore
 from shoal_publisher.adapters.fetch import HttpResultFetcher, StaticResultFetcher
 from shoal_publisher.adapters.kubo import AioipfsKubo, FakeKubo
 from shoal_publisher.domain.models import PublishRequest, TransientPublishError
-from shoal_publisher.domain.publishers import LocalPublisher
 from shoal_publisher.domain.ports import KuboClient, ResultFetcher
+from shoal_publisher.domain.publishers import LocalPublisher
 from shoal_publisher.service import PublisherService
 from shoal_publisher.settings import PublisherSettings
 from shoal_publisher.store.memory import MemoryPublisherStore
