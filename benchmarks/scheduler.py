@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Environment, add_common_args, emit
-from shoal_common import collector
+from shoal_common import collector, event_loop
 from shoal_common.protocol import (
     Ack,
     AskBid,
@@ -271,7 +271,8 @@ def main() -> None:
     if args.profile_jobs:
         print(f"written {write_profile(args)}")
         return
-    emit("scheduler", asyncio.run(measure(args)), args.json_out)
+    # On the loop `shoal serve` runs the requester on (uvloop unless SHOAL_EVENT_LOOP=asyncio).
+    emit("scheduler", event_loop.run(measure(args)), args.json_out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from shoal_cli.processes import NODE_TYPES
-from shoal_common import collector
+from shoal_common import collector, event_loop
 from shoal_common.logging import configure_logging
 
 PROCESS_CHOICES = ("1", "2", "all")
@@ -115,7 +115,7 @@ def serve(
         await _run_until_signalled(start, stop)
 
     try:
-        asyncio.run(main())
+        event_loop.run(main())
     finally:
         from shoal_common import tracing
 
@@ -214,6 +214,6 @@ def devstack(
         click.echo(exports)
         sys.stdout.flush()
 
-    if asyncio.run(_run_until_signalled(start, stack.stop, stack.failed)):
+    if event_loop.run(_run_until_signalled(start, stack.stop, stack.failed)):
         children = ", ".join(str(c.log_file) for c in stack.children.values() if not c.running)
         raise click.ClickException(f"a devstack service exited; see {children}")

@@ -46,6 +46,7 @@ from fastapi import FastAPI
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from shoal_common import event_loop
 from shoal_common.bus import NatsBus
 from shoal_common.cid import cid_of_path
 from shoal_common.errors import ShoalError
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
             await fleet.stop()
             await bus.close()
 
-    asyncio.run(run())
+    event_loop.run(run())
 
 
 if __name__ == "__main__":
