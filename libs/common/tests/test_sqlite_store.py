@@ -63,6 +63,33 @@ async def test_concurrent_transactions_share_commits(
     assert 1 <= commits < 50
 
 
+async def test_a_write_one_step_behind_joins_the_open_group(
+    engine: GroupCommitEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compute node's quick run: its outcome is written one loop step after the accepted
+    row (the run had one thing to await) and must share the row's commit, not wait for the
+    next fsync."""
+    commits = 0
+    real_commit = sqlite_store._commit
+
+    def counting_commit(conn: object) -> None:
+        nonlocal commits
+        commits += 1
+        real_commit(conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_store, "_commit", counting_commit)
+
+    async def quick_run() -> None:
+        await asyncio.sleep(0)  # e.g. handing its output to the log sink
+        await add(engine, 2)
+
+    run = asyncio.create_task(quick_run())  # queued before the row is written, as a node does
+    await add(engine, 1)
+    await run
+    assert committed_ids(tmp_path / "store.db") == [1, 2]
+    assert commits == 1
+
+
 async def test_a_failed_transaction_does_not_take_its_group_down(
     engine: GroupCommitEngine, tmp_path: Path
 ) -> None:

@@ -308,6 +308,11 @@ class GroupCommitEngine:
 
     async def _commit_groups(self) -> None:
         loop = asyncio.get_running_loop()
+        # One trip through the loop before the first group closes: work the same step made
+        # ready joins it instead of waiting a whole commit for the next one. On a compute node
+        # that is a quick run's outcome, queued with its accepted row (stress, c=10: 1.57 ->
+        # 1.24 commits per job; ADR 0022). Idle, the trip costs microseconds.
+        await asyncio.sleep(0)
         while self._waiting:
             # Transactions queued on the lock while the last commit was on disk run first
             # (asyncio.Lock is FIFO), so they join this group.
