@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,25 @@ async def engine(tmp_path: Path) -> AsyncIterator[GroupCommitEngine]:
     metadata.create_all(engine.sync_engine)
     yield engine
     await engine.dispose()
+
+
+@dataclass
+class CommitCounter:
+    commits: int = 0
+
+
+@pytest.fixture
+def counter(monkeypatch: pytest.MonkeyPatch) -> CommitCounter:
+    """Counts the engine's COMMITs (one per group)."""
+    counted = CommitCounter()
+    real_commit = sqlite_store._commit
+
+    def counting_commit(conn: object) -> None:
+        counted.commits += 1
+        real_commit(conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_store, "_commit", counting_commit)
+    return counted
 
 
 def committed_ids(path: Path) -> list[int]:
@@ -47,37 +67,19 @@ async def test_a_transaction_is_on_disk_when_begin_exits(
 
 
 async def test_concurrent_transactions_share_commits(
-    engine: GroupCommitEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: GroupCommitEngine, tmp_path: Path, counter: CommitCounter
 ) -> None:
-    commits = 0
-    real_commit = sqlite_store._commit
-
-    def counting_commit(conn: object) -> None:
-        nonlocal commits
-        commits += 1
-        real_commit(conn)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(sqlite_store, "_commit", counting_commit)
     await asyncio.gather(*(add(engine, i) for i in range(50)))
     assert committed_ids(tmp_path / "store.db") == list(range(50))
-    assert 1 <= commits < 50
+    assert 1 <= counter.commits < 50
 
 
 async def test_a_write_one_step_behind_joins_the_open_group(
-    engine: GroupCommitEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: GroupCommitEngine, tmp_path: Path, counter: CommitCounter
 ) -> None:
     """A compute node's quick run: its outcome is written one loop step after the accepted
     row (the run had one thing to await) and must share the row's commit, not wait for the
     next fsync."""
-    commits = 0
-    real_commit = sqlite_store._commit
-
-    def counting_commit(conn: object) -> None:
-        nonlocal commits
-        commits += 1
-        real_commit(conn)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(sqlite_store, "_commit", counting_commit)
 
     async def quick_run() -> None:
         await asyncio.sleep(0)  # e.g. handing its output to the log sink
@@ -87,7 +89,7 @@ async def test_a_write_one_step_behind_joins_the_open_group(
     await add(engine, 1)
     await run
     assert committed_ids(tmp_path / "store.db") == [1, 2]
-    assert commits == 1
+    assert counter.commits == 1
 
 
 async def test_a_failed_transaction_does_not_take_its_group_down(
