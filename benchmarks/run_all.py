@@ -338,12 +338,34 @@ TARGETS = [
 ]
 
 
+SPEED_LOOP = 300_000
+
+
+def cpu_speed_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop, best of five: the machine's speed now.
+
+    This VM's share of its CPUs swings by up to 2x within the hour (the same `shoal --help`
+    took 81-95 ms at one time and 154-225 ms at another, load and other processes alike), which
+    the load columns cannot show. Measured before each run, between benchmarks, on an idle
+    machine; lower is faster. Compare figures only at similar speeds.
+    """
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(SPEED_LOOP):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def run_once(target: Target, args: list[str], log: Path) -> dict[str, Any]:
     out = Path(tempfile.mkstemp(prefix=f"bench-{target.name}-", suffix=".json")[1])
     cmd = [sys.executable, str(HERE / target.script), *args]
     uses_json_out = target.script != "docker_job_overhead.py"
     if uses_json_out:
         cmd += ["--json-out", str(out)]
+    speed = cpu_speed_ms()
     shown = " ".join(shlex.quote(a) for a in ["uv", "run", "python", f"benchmarks/{target.script}"])
     print(f"\n$ {shown} {' '.join(shlex.quote(a) for a in args)}", flush=True)
     t0 = time.monotonic()
@@ -359,6 +381,7 @@ def run_once(target: Target, args: list[str], log: Path) -> dict[str, Any]:
     if proc.returncode != 0 and not figures:
         figures = {"error": f"exit status {proc.returncode}; see {log}"}
     figures["_seconds"] = round(took, 1)
+    figures["_speed_ms"] = speed
     print(f"  -> {_headline(target, figures)} ({took:.0f} s)", flush=True)
     return figures
 
@@ -481,7 +504,10 @@ def render(state: dict[str, Any], quick: bool) -> str:
         + (" --quick (small N, one run: a smoke test, not the figures of record)" if quick else "")
         + ". Machine: "
         + f"{os.cpu_count()} cores, shared with other work: `load` is the 1-minute load average "
-        "during the run and `other` the CPU cores other processes used meanwhile. Each figure "
+        "during the run, `other` the CPU cores other processes used meanwhile, and `speed` the "
+        f"milliseconds a fixed Python loop ({SPEED_LOOP:,} additions, best of 5) took just "
+        "before the run: this VM's speed swings by up to 2x within the hour, lower is faster. "
+        "Each figure "
         "is from the run whose headline figure was the median of three (its three values "
         "under `runs`), unless noted. `ratio` is figure / goal (at most 1 meets a "
         "lower-is-better goal, at least 1 a higher-is-better one); `vs ref` is how many times "
@@ -489,7 +515,7 @@ def render(state: dict[str, Any], quick: bool) -> str:
         "docs/benchmarks.md. Every run's full figures: `results/<name>.jsonl`.",
         "",
         "| # | target | figure | value | goal (issue 6) | ratio | met | reference | vs ref "
-        "| runs | load / other | date | command |",
+        "| runs | load / other / speed | date | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in TARGETS:
@@ -505,7 +531,7 @@ def render(state: dict[str, Any], quick: bool) -> str:
             lines.append(f"| {t.id} | {t.title} | skipped | {why} | | | | | | | | {date} | |")
             continue
         other = figs.get("other_cpu_cores", figs.get("n10_other_cpu_cores", "-"))
-        load = f"{_load(figs)} / {other}"
+        load = f"{_load(figs)} / {other} / {figs.get('_speed_ms', '-')}"
         unit = next((r.unit for r in t.rows if r.key == t.headline), "")
         runs = ", ".join(_fmt(r, unit) for r in figs.get("_runs", [])) or "1 run"
         for i, row in enumerate(t.rows):
