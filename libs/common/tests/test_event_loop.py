@@ -10,7 +10,6 @@ from shoal_common import event_loop
 
 
 async def _loop_module() -> str:
-    await asyncio.sleep(0)
     return type(asyncio.get_running_loop()).__module__
 
 
