@@ -654,3 +654,20 @@ async def test_a_congested_loop_delays_a_placement_by_at_most_the_yield_bound() 
         finally:
             stop.set()
             await asyncio.gather(*hogs)
+
+
+async def test_queued_jobs_are_placed_several_at_once_when_capacity_frees() -> None:
+    """When a node gains room, the jobs that waited for it are asked for together (in
+    placement lanes that go before new jobs), not one bid round trip after another."""
+    async with harness(placement_parallelism=4) as h:
+        busy = node_info("n0", cpu=8, available=Capacity(cpu=0, memory=GiB))
+        node = await _CountingNode(h.bus, "n0", info=busy).start()
+        job_ids = [await h.submit() for _ in range(8)]
+        for job_id in job_ids:
+            await h.wait_state(job_id, JS.QUEUED)
+        assert node.asked == []
+        await node.heartbeat(available=Capacity(cpu=8, memory=GiB))
+        for job_id in job_ids:
+            assert (await h.wait_state(job_id, timeout=10)).state is JS.COMPLETED
+        assert len(node.asked) == 8
+        assert node.most == 4

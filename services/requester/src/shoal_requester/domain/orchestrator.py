@@ -56,6 +56,7 @@ from shoal_common.spec import (
 from shoal_requester import metrics
 from shoal_requester.domain import lifecycle
 from shoal_requester.domain.inventory import Inventory, TrackedNode
+from shoal_requester.domain.lanes import PlacementLanes
 from shoal_requester.domain.lifecycle import Outcome, Tally, tally
 from shoal_requester.domain.locks import KeyedLocks
 from shoal_requester.domain.matching import (
@@ -202,7 +203,8 @@ class Orchestrator:
         # burst of submits thus becomes a queue of durable New jobs instead of a flood of
         # placement steps in the event loop, where they delayed every API request behind them
         # (issue 6 target 6: submits stay fast while the backlog drains).
-        self._placement_lanes = asyncio.Semaphore(settings.placement_parallelism)
+        # Jobs leaving Queued go first (``PlacementLanes``).
+        self._placement_lanes = PlacementLanes(settings.placement_parallelism)
 
     def reputation(self, node_id: str) -> float:
         """The reputation factor ranking gives this node now, in (0, 1]."""
@@ -316,7 +318,9 @@ class Orchestrator:
     def request_placement(self, job_id: str) -> None:
         self._spawn(self._place_when_reachable(job_id), f"place-{job_id}")
 
-    async def _place_when_reachable(self, job_id: str, *, fresh: JobRecord | None = None) -> None:
+    async def _place_when_reachable(
+        self, job_id: str, *, fresh: JobRecord | None = None, queued: bool = False
+    ) -> None:
         """Place a job; while the database cannot be reached, try again with backoff.
 
         Without this, a placement that met a database outage waited for the stuck-job sweep
@@ -325,7 +329,7 @@ class Orchestrator:
         delay = PLACEMENT_RETRY_FIRST
         while True:
             try:
-                async with self._lane():
+                async with self._lane(first=queued):
                     if fresh is not None:
                         await self.place(job_id, fresh=fresh, executions=[])
                     else:
@@ -340,12 +344,12 @@ class Orchestrator:
             fresh = None  # read the job again: the database is the truth after an outage
 
     @contextlib.asynccontextmanager
-    async def _lane(self) -> AsyncIterator[None]:
+    async def _lane(self, *, first: bool = False) -> AsyncIterator[None]:
         """A placement lane, taken once the event loop is not congested (ADR 0018)."""
         waiting = True
         metrics.PLACEMENTS_WAITING.inc()
         try:
-            async with self._placement_lanes:
+            async with self._placement_lanes.lane(first=first):
                 await self._yield_to_busy_loop()
                 waiting = False
                 metrics.PLACEMENTS_WAITING.dec()
@@ -778,19 +782,33 @@ class Orchestrator:
                 log.exception("queue_drain_failed")
 
     async def _drain_once(self) -> None:
-        """Try every waiting job that some node now has room for, oldest first."""
-        for job_id, job in list(self._pending.items()):
-            if job_id not in self._pending:
-                continue
-            req = self._requirements(job)
-            if not any(
-                req.resources.fits_in(n.free) and n.misfit(req) is None
-                for n in self._inventory.schedulable()
-            ):
-                continue
-            self._pending.pop(job_id, None)
-            await self.place(job_id)
-        metrics.QUEUED_JOBS.set(len(self._pending))
+        """Place the waiting jobs some node now has room for, oldest first, several at once.
+
+        Each placement takes a lane ahead of new jobs (``PlacementLanes``), so capacity that
+        frees under a stream of submits goes to the jobs that waited for it. A pass takes at
+        most ``placement_parallelism`` jobs, waits for them, and looks again while jobs that
+        fit are left and the last batch placed at least one of them.
+        """
+        batch_size = self._settings.placement_parallelism
+        while True:
+            nodes = self._inventory.schedulable()
+            batch: list[str] = []
+            for job_id, job in list(self._pending.items()):
+                req = self._requirements(job)
+                if not any(req.resources.fits_in(n.free) and n.misfit(req) is None for n in nodes):
+                    continue
+                self._pending.pop(job_id, None)
+                batch.append(job_id)
+                if len(batch) >= batch_size:
+                    break
+            metrics.QUEUED_JOBS.set(len(self._pending))
+            if not batch:
+                return
+            await asyncio.gather(
+                *(self._place_when_reachable(job_id, queued=True) for job_id in batch)
+            )
+            if all(job_id in self._pending for job_id in batch):
+                return  # none of them found room after all: wait for the next capacity event
 
     # --- the end of a job ----------------------------------------------------------------------
 
