@@ -757,3 +757,31 @@ async def test_cancelling_the_run_task_still_removes_the_container(
     with pytest.raises(asyncio.CancelledError):
         await run
     assert _containers_of(docker_client, executor) == []
+
+
+class _LateOomFlagAPI(_FakeAPI):
+    """Docker's OOMKilled flag shows only from the ``flag_from``-th inspect (cgroup v2: the
+    OOM event can reach the daemon after the exit)."""
+
+    def __init__(self, flag_from: int) -> None:
+        super().__init__()
+        self.flag_from = flag_from
+        self.inspections = 0
+
+    def inspect_container(self, container: str) -> dict[str, Any]:
+        self.inspections += 1
+        return {"State": {"OOMKilled": self.inspections >= self.flag_from}}
+
+
+@pytest.mark.parametrize(("exit_code", "expected"), [(137, True), (1, False)])
+async def test_a_late_oom_flag_is_waited_for_only_after_a_sigkill(
+    exit_code: int, expected: bool
+) -> None:
+    client = _FakeClient()
+    client.api = _LateOomFlagAPI(flag_from=3)
+    ex = DockerExecutor("amd64", client_factory=lambda: client)
+    try:
+        assert await ex._oom_killed("c0ffee", killed=exit_code == 137) is expected
+    finally:
+        await ex.close()
+    assert client.api.inspections == (3 if expected else 1)

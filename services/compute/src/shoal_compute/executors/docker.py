@@ -77,6 +77,8 @@ DEFAULT_CAPABILITIES: tuple[str, ...] = (
 EXIT_CODE_NOT_RUN = -1  # the container never ran (image missing, bad config, start failed)
 _READ_SIZE = 256 * 1024
 _DRAIN_AFTER_KILL = 10.0  # seconds to wait for the output stream to end once killed
+EXIT_CODE_SIGKILL = 137  # 128 + SIGKILL: what the OOM killer (among others) leaves
+_OOM_FLAG_WAIT = 1.0  # seconds a SIGKILLed run waits for Docker's OOMKilled flag (cgroup v2)
 
 _GO_ARCH = {
     "x86_64": "amd64",
@@ -459,7 +461,7 @@ class DockerExecutor:
         if state.closing:
             return RunResult(exit_code, runner_error="the compute node shut down during the run")
         # Any failure, not just 137: the OOM killer may have picked a child the job outlived.
-        if exit_code != 0 and await self._oom_killed(cid):
+        if exit_code != 0 and await self._oom_killed(cid, killed=exit_code == EXIT_CODE_SIGKILL):
             return RunResult(
                 exit_code,
                 runner_error=(
@@ -573,13 +575,25 @@ class DockerExecutor:
             if exc.status_code != 409:  # 409: not running any more, which is what we wanted
                 log.warning("docker_kill_failed", container=container_id[:12], error=_explain(exc))
 
-    async def _oom_killed(self, container_id: str) -> bool:
+    async def _oom_killed(self, container_id: str, *, killed: bool) -> bool:
+        """Whether the OOM killer ended the container (Docker's ``State.OOMKilled``).
+
+        With cgroup v2 the daemon learns of the OOM from an event that can arrive after the
+        exit (nomad#13119 saw the same): a SIGKILLed run (``killed``) that we did not kill
+        ourselves is looked at again for up to ``_OOM_FLAG_WAIT`` before it counts as not OOM.
+        """
         api = await self._api()
-        try:
-            info = await self._call(api.inspect_container, container_id)
-        except docker.errors.APIError:
-            return False
-        return bool((info.get("State") or {}).get("OOMKilled"))
+        deadline = asyncio.get_running_loop().time() + (_OOM_FLAG_WAIT if killed else 0.0)
+        while True:
+            try:
+                info = await self._call(api.inspect_container, container_id)
+            except docker.errors.APIError:
+                return False
+            if (info.get("State") or {}).get("OOMKilled"):
+                return True
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     async def _remove_labelled(self, labels: dict[str, str]) -> None:
         api = await self._api()
