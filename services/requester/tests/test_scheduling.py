@@ -671,3 +671,42 @@ async def test_queued_jobs_are_placed_several_at_once_when_capacity_frees() -> N
             assert (await h.wait_state(job_id, timeout=10)).state is JS.COMPLETED
         assert len(node.asked) == 8
         assert node.most == 4
+
+
+async def test_a_pass_over_a_queue_that_fits_nowhere_checks_each_kind_of_job_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every capacity event passes over the queue: under load a long queue made each pass
+    cost ~15 us a job (requirements and each node's free room built again per job), and the
+    requester fell further behind the longer the queue grew."""
+    from shoal_requester.domain import inventory, orchestrator
+
+    async with harness() as h:
+        for i in range(3):
+            await h.node(f"n{i}", cpu=8, available=Capacity(cpu=0, memory=GiB))
+        job_ids = [await h.submit() for _ in range(30)]
+        for job_id in job_ids:
+            await h.wait_state(job_id, JS.QUEUED)
+        built, room_checks = [], []
+        real_requirements, real_room_for = orchestrator.requirements, inventory.TrackedNode.room_for
+        real_free = inventory.TrackedNode.free
+
+        def counted_requirements(*args: object, **kwargs: object) -> object:
+            built.append(1)
+            return real_requirements(*args, **kwargs)  # type: ignore[arg-type]
+
+        def counted_room_for(self: inventory.TrackedNode, need: Capacity) -> float | None:
+            room_checks.append(1)
+            return real_room_for(self, need)
+
+        def counted_free(self: inventory.TrackedNode) -> Capacity:
+            room_checks.append(1)
+            return real_free.fget(self)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(orchestrator, "requirements", counted_requirements)
+        monkeypatch.setattr(inventory.TrackedNode, "room_for", counted_room_for)
+        monkeypatch.setattr(inventory.TrackedNode, "free", property(counted_free))
+        await h.service.orchestrator._drain_once()
+        assert h.service.orchestrator.pending_count == 30
+        assert built == []  # remembered from when each job was placed and queued
+        assert len(room_checks) <= 3  # once per node for the one kind of job

@@ -132,6 +132,9 @@ NOT_ASKED = "no bid: "
 # After asks that could not be delivered, try the queue again this soon (NATS coming back, a node
 # re-subscribing) instead of waiting for a node's capacity to change.
 _REDELIVER_ASKS_AFTER_S = 1.0
+# Requirements remembered by job id (a job's spec never changes): bounds the memory of a
+# requester with a long queue; past it the memory starts again, costing a recomputation.
+_REQUIREMENTS_KEPT = 16384
 # A placement that found the database unreachable is tried again after 0.5 s, 1 s, ... 5 s.
 PLACEMENT_RETRY_FIRST = 0.5
 PLACEMENT_RETRY_MAX = 5.0
@@ -190,6 +193,7 @@ class Orchestrator:
         self._locks = KeyedLocks()
         # Jobs waiting for capacity (Queued, or InProgress but short of executions), FIFO.
         self._pending: dict[str, JobRecord] = {}
+        self._requirements_of: dict[str, Requirements] = {}
         # Non-terminal jobs with their executions as last written by this process: event
         # handling reads them from here instead of the database (writes stay compare-and-set,
         # and a conflict drops the entry, so another writer cannot leave it stale for long).
@@ -305,6 +309,7 @@ class Orchestrator:
         after.extend(e for e in updated.values() if e.job_id == job.id)
         if after_job.state.terminal:
             self._working.pop(job.id, None)
+            self._requirements_of.pop(job.id, None)
         else:
             self._working[job.id] = (after_job, after)
         return rows
@@ -409,7 +414,14 @@ class Orchestrator:
             self._placing.discard(job_id)
 
     def _requirements(self, job: JobRecord) -> Requirements:
-        return requirements(job.spec, client_id=job.client_id, resources=job.resources)
+        # Remembered: every pass over the queue asks it of every waiting job (~9 us each).
+        req = self._requirements_of.get(job.id)
+        if req is None:
+            if len(self._requirements_of) >= _REQUIREMENTS_KEPT:
+                self._requirements_of.clear()
+            req = requirements(job.spec, client_id=job.client_id, resources=job.resources)
+            self._requirements_of[job.id] = req
+        return req
 
     def _candidates(
         self,
@@ -793,9 +805,18 @@ class Orchestrator:
         while True:
             nodes = self._inventory.schedulable()
             batch: list[str] = []
+            # Whether a job fits now, by fit_key: queued jobs are mostly alike, and a pass over
+            # a long queue that fits nowhere must not cost per job what placement costs.
+            fits: dict[int, bool] = {}
             for job_id, job in list(self._pending.items()):
                 req = self._requirements(job)
-                if not any(req.resources.fits_in(n.free) and n.misfit(req) is None for n in nodes):
+                fit = fits.get(req.fit_key)
+                if fit is None:
+                    fit = fits[req.fit_key] = any(
+                        n.room_for(req.resources) is not None and n.misfit(req) is None
+                        for n in nodes
+                    )
+                if not fit:
                     continue
                 self._pending.pop(job_id, None)
                 batch.append(job_id)
