@@ -755,3 +755,24 @@ async def test_timestamps_are_rfc3339(api: Api) -> None:
     created = resp.json()["state"]["CreateTime"]
     assert created.endswith("Z")
     assert "T" in created
+
+
+async def test_fastapi_own_telemetry_stays_off_even_with_global_providers(
+    api: Api, key: ClientKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shoal's spans and metrics are its own (ADR 0007): FastAPI's native OpenTelemetry would
+    trace every request a second time as soon as anything set a global provider, and asks the
+    providers on every request whether to (ADR 0024)."""
+    from fastapi.telemetry import _asgi
+
+    wrapped: list[str] = []
+
+    async def recorded(self: Any, *, app: Any, scope: Any, **kwargs: Any) -> None:
+        wrapped.append(scope["path"])
+        await app(scope, kwargs["receive"], kwargs["send"])
+
+    monkeypatch.setattr(_asgi, "_unconfigured", lambda provider: False)  # "configured"
+    monkeypatch.setattr(_asgi.NativeTelemetry, "__call__", recorded)
+    assert (await api.submit(key)).status_code == 200
+    assert (await api.http.get("/api/v1/nodes")).status_code == 200
+    assert wrapped == []

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +20,12 @@ from shoal_common.errors import ShoalError, Unavailable
 ReadyCheck = Callable[[], Awaitable[bool]]
 
 PROBLEM_JSON = "application/problem+json"
+
+# For ``FastAPI(telemetry=...)``. FastAPI's own OpenTelemetry asks the global providers on every
+# request whether it is on (~1.7% of the requester's CPU under load, ADR 0024); Shoal's spans
+# come from each service's own provider and MetricsMiddleware (tracing.py, ADR 0007), so it
+# stays off and a global provider set by someone else cannot double every server span.
+NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def health_router(ready: ReadyCheck) -> APIRouter:

@@ -6,7 +6,12 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from shoal_common.httpapp import MetricsMiddleware, health_router, install_error_handlers
+from shoal_common.httpapp import (
+    NO_FASTAPI_TELEMETRY,
+    MetricsMiddleware,
+    health_router,
+    install_error_handlers,
+)
 from shoal_compute.api.content import router as content_router
 
 if TYPE_CHECKING:
@@ -15,7 +20,13 @@ if TYPE_CHECKING:
 
 def create_app(service: ComputeService) -> FastAPI:
     """FastAPI app of one node; its lifecycle belongs to the service (no lifespan here)."""
-    app = FastAPI(title="Shoal compute node", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        telemetry=NO_FASTAPI_TELEMETRY,
+        title="Shoal compute node",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.content_cache = service.cache
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, service="compute")

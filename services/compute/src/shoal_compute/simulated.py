@@ -57,6 +57,7 @@ from shoal_common.events import (
     ExecutionFailed,
     ResultProposed,
 )
+from shoal_common.httpapp import NO_FASTAPI_TELEMETRY
 from shoal_common.protocol import (
     HEARTBEAT_INTERVAL_S,
     Ack,
@@ -458,7 +459,12 @@ class SimulatedFleet:
     async def _start_http(self, cache: ContentCache) -> str:
         import uvicorn
 
-        app = FastAPI(title="Shoal simulated compute nodes", docs_url=None, redoc_url=None)
+        app = FastAPI(
+            telemetry=NO_FASTAPI_TELEMETRY,
+            title="Shoal simulated compute nodes",
+            docs_url=None,
+            redoc_url=None,
+        )
         app.state.content_cache = cache
         app.include_router(content_router)
         sock = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET)

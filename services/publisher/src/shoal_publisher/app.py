@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from shoal_common.httpapp import MetricsMiddleware, health_router, install_error_handlers
+from shoal_common.httpapp import (
+    NO_FASTAPI_TELEMETRY,
+    MetricsMiddleware,
+    health_router,
+    install_error_handlers,
+)
 from shoal_publisher.api import content, kubo, publications
 from shoal_publisher.api.deps import ContentContext
 
@@ -17,7 +22,9 @@ if TYPE_CHECKING:
 
 def create_app(service: PublisherService) -> FastAPI:
     """The app a runner (devstack, ``shoal serve``) serves; the service owns its lifecycle."""
-    app = FastAPI(title="Shoal publisher and content store", version="0.1.0")
+    app = FastAPI(
+        telemetry=NO_FASTAPI_TELEMETRY, title="Shoal publisher and content store", version="0.1.0"
+    )
     settings = service.settings
     app.state.store = service.store
     app.state.content = ContentContext(

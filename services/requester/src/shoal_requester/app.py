@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from shoal_common.httpapp import MetricsMiddleware, health_router, install_error_handlers
+from shoal_common.httpapp import (
+    NO_FASTAPI_TELEMETRY,
+    MetricsMiddleware,
+    health_router,
+    install_error_handlers,
+)
 from shoal_requester.api import content, legacy, misc, shoal
 from shoal_requester.api.auth import ApiAuthMiddleware
 from shoal_requester.api.misc import build_version_info
@@ -21,6 +26,7 @@ if TYPE_CHECKING:
 def create_app(service: RequesterService) -> FastAPI:
     """Routes bound to ``service`` (no lifespan: the service is started by its owner)."""
     app = FastAPI(
+        telemetry=NO_FASTAPI_TELEMETRY,
         title="Shoal requester",
         version=build_version_info()["gitversion"],
         description=(
