@@ -11,6 +11,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from uvicorn.server import ServerState
 
 from shoal_common import http_protocol
 from shoal_common.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
@@ -39,8 +40,8 @@ class _Recording:
     def abort(self) -> None:
         self.aborted = True
 
-    def get_extra_info(self, name: str) -> str:
-        return f"info:{name}"
+    def get_extra_info(self, name: str) -> object:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name)
 
 
 def _coalescing() -> tuple[CoalescingTransport, _Recording]:
@@ -80,8 +81,24 @@ async def test_close_sends_what_is_held_and_abort_drops_it() -> None:
 
 async def test_the_rest_of_the_transport_is_passed_through() -> None:
     transport, _inner = _coalescing()
-    assert transport.get_extra_info("peername") == "info:peername"
+    assert transport.get_extra_info("peername") == ("127.0.0.1", 40000)
     assert not transport.is_closing()
+
+
+async def test_a_complete_response_is_sent_at_once_not_a_loop_step_later() -> None:
+    config = uvicorn.Config(FastAPI(), lifespan="off", http=CoalescingHttpToolsProtocol)
+    config.load()
+    protocol = CoalescingHttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    inner = _Recording()
+    protocol.connection_made(inner)  # type: ignore[arg-type]
+    protocol.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert inner.writes == []  # held while the response may go on
+    protocol.on_response_complete()  # uvicorn: the last body message went out
+    assert inner.writes == [b"HTTP/1.1 204 No Content\r\n\r\n"]
+    if protocol.timeout_keep_alive_task is not None:
+        protocol.timeout_keep_alive_task.cancel()
 
 
 @pytest.fixture

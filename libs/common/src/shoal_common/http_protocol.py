@@ -4,9 +4,10 @@ uvicorn (httptools) writes the status line and headers as soon as the app sends
 ``http.response.start``, and the body with ``http.response.body``: two ``send`` system calls
 for every small JSON response, and one per chunk of a stream. Under the sustained load the
 requester spent ~8% of its CPU in those writes (py-spy, ADR 0024). Here the connection's
-transport holds what is written until the event loop's current step ends and then writes it
-at once: a small response is one system call, and it goes out in the same loop step as
-before, so nothing waits longer.
+transport holds what is written and sends it as one write when the response is complete
+(uvicorn's ``on_response_complete``, in the same step as its last write before), or, for a
+stream's chunks, once the event loop's current step is over: a small response is one system
+call and waits no longer than before.
 
 Everything else (closing, flow control, extra info) goes straight to uvicorn's transport; a
 close sends what is held first.
@@ -59,6 +60,14 @@ class CoalescingTransport:
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """``uvicorn.Config(http=...)``: HttpToolsProtocol over a :class:`CoalescingTransport`."""
 
+    _coalescing: CoalescingTransport | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        coalescing = CoalescingTransport(transport, self.loop)
-        super().connection_made(coalescing)  # type: ignore[arg-type]
+        self._coalescing = CoalescingTransport(transport, self.loop)
+        super().connection_made(self._coalescing)  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        # The whole response is written: send it now, not a loop step later.
+        if self._coalescing is not None:
+            self._coalescing.flush()
+        super().on_response_complete()
