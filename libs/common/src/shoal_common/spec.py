@@ -9,7 +9,7 @@ parsers live in :mod:`shoal_common.wire_enums` (no pydantic) and are re-exported
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -70,6 +70,11 @@ __all__ = [
     "to_wire",
     "utcnow",
 ]
+
+
+# Go's ``int``: the reference decoder refused a number outside 64 bits (a 400), and one let
+# through here could be neither stored nor sent (orjson, SQLite: 64-bit integers only).
+GoInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class WireModel(BaseModel):
@@ -181,9 +186,9 @@ class LabelSelector(WireModel):
 
 
 class Deal(WireModel):
-    concurrency: int | None = Field(None, alias="Concurrency")
-    confidence: int | None = Field(None, alias="Confidence")
-    min_bids: int | None = Field(None, alias="MinBids")
+    concurrency: GoInt | None = Field(None, alias="Concurrency")
+    confidence: GoInt | None = Field(None, alias="Confidence")
+    min_bids: GoInt | None = Field(None, alias="MinBids")
 
 
 class Spec(WireModel):
@@ -253,7 +258,7 @@ class RunOutput(WireModel):
     stdout_truncated: bool = Field(False, alias="stdouttruncated")
     stderr: str = Field("", alias="stderr")
     stderr_truncated: bool = Field(False, alias="stderrtruncated")
-    exit_code: int = Field(0, alias="exitCode")
+    exit_code: GoInt = Field(0, alias="exitCode")
     runner_error: str = Field("", alias="runnerError")
 
 
@@ -272,7 +277,7 @@ class ExecutionState(WireModel):
     verification_result: VerificationResult | None = Field(None, alias="VerificationResult")
     published_results: StorageSpec | None = Field(None, alias="PublishedResults")
     run_output: RunOutput | None = Field(None, alias="RunOutput")
-    version: int = Field(0, alias="Version")
+    version: GoInt = Field(0, alias="Version")
     create_time: datetime = Field(alias="CreateTime")
     update_time: datetime = Field(alias="UpdateTime")
 
@@ -281,7 +286,7 @@ class JobState(WireModel):
     job_id: str = Field(alias="JobID")
     executions: list[ExecutionState] = Field(default_factory=list, alias="Executions")
     state: JobStateType = Field(alias="State")
-    version: int = Field(0, alias="Version")
+    version: GoInt = Field(0, alias="Version")
     create_time: datetime = Field(alias="CreateTime")
     update_time: datetime = Field(alias="UpdateTime")
     timeout_at: datetime | None = Field(None, alias="TimeoutAt")
@@ -301,7 +306,7 @@ class JobHistory(WireModel):
     compute_reference: str | None = Field(None, alias="ComputeReference")
     job_state: StateChange | None = Field(None, alias="JobState")
     execution_state: StateChange | None = Field(None, alias="ExecutionState")
-    new_version: int = Field(0, alias="NewVersion")
+    new_version: GoInt = Field(0, alias="NewVersion")
     comment: str = Field("", alias="Comment")
     time: datetime = Field(alias="Time")
 
