@@ -49,17 +49,28 @@ def _coalescing() -> tuple[CoalescingTransport, _Recording]:
     return CoalescingTransport(inner, asyncio.get_running_loop()), inner  # type: ignore[arg-type]
 
 
-async def test_writes_in_one_loop_step_reach_the_socket_as_one() -> None:
+async def test_a_response_head_goes_out_with_its_body_in_one_write() -> None:
     transport, inner = _coalescing()
     transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
     transport.write(b"")
+    assert inner.writes == []  # the head waits for the body
     transport.write(b'{"ok": true}')
+    assert inner.writes == [b'HTTP/1.1 200 OK\r\n\r\n{"ok": true}']  # at once, joined
+    transport.write(b"data: 1\n\n")  # a stream's later chunks are not held
+    assert inner.writes[1:] == [b"data: 1\n\n"]
+    await asyncio.sleep(0)  # the scheduled flush finds nothing
+    assert len(inner.writes) == 2
+    transport.response_complete()  # the next response's head is held again
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert len(inner.writes) == 2
+
+
+async def test_a_head_with_no_body_yet_goes_out_when_the_loop_step_ends() -> None:
+    transport, inner = _coalescing()
+    transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
     assert inner.writes == []
     await asyncio.sleep(0)
-    assert inner.writes == [b'HTTP/1.1 200 OK\r\n\r\n{"ok": true}']
-    transport.write(b"next")  # a later step: a write of its own
-    await asyncio.sleep(0)
-    assert inner.writes[1:] == [b"next"]
+    assert inner.writes == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"]
 
 
 async def test_close_sends_what_is_held_and_abort_drops_it() -> None:
@@ -106,15 +117,27 @@ async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, li
     """A uvicorn server on the coalescing protocol; yields its URL and the size of every write
     its connections made to their sockets."""
     writes: list[int] = []
-    real_flush = CoalescingTransport.flush
+    real_init = CoalescingTransport.__init__
 
-    def counted_flush(self: CoalescingTransport) -> None:
-        held = self._held
-        if held:
-            writes.append(sum(map(len, held)))
-        real_flush(self)
+    class Counting:
+        """uvicorn's socket transport, with the size of every write recorded."""
 
-    monkeypatch.setattr(http_protocol.CoalescingTransport, "flush", counted_flush)
+        def __init__(self, transport: asyncio.Transport) -> None:
+            self._transport = transport
+
+        def write(self, data: bytes) -> None:
+            writes.append(len(data))
+            self._transport.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._transport, name)
+
+    def counted_init(
+        self: CoalescingTransport, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        real_init(self, Counting(transport), loop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http_protocol.CoalescingTransport, "__init__", counted_init)
     app = FastAPI()
 
     @app.get("/small")
@@ -173,4 +196,5 @@ async def test_a_stream_still_goes_out_chunk_by_chunk(server: tuple[str, list[in
             if line:
                 seen.append(line)
     assert seen == ["data: 0", "data: 1", "data: 2"]
-    assert len(writes) >= 3  # not held back until the stream ends
+    # Head and first chunk together, then each chunk as it comes, then the end of the stream.
+    assert len(writes) == 4
