@@ -50,17 +50,10 @@ async def serve_http(app: Any, port: int, host: str = "127.0.0.1") -> tuple[Any,
     """Serve ``app`` on uvicorn; returns (server, task) once it listens (raises a bind error)."""
     import uvicorn
 
-    from shoal_common.http_protocol import CoalescingHttpToolsProtocol
     from shoal_common.quiet_server import QuietServer
 
     config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        access_log=False,
-        http=CoalescingHttpToolsProtocol,  # a response in one write (ADR 0024)
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )
     server = QuietServer(config)  # wakes once a second when idle, not 10 times (ADR 0013)
     task = asyncio.create_task(server.serve())
