@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import orjson
 import psutil  # type: ignore[import-untyped]
 
+from shoal_common.childproc import die_with_parent
 from shoal_common.natsserver import NatsServer, free_port, start_nats_server
 
 HERE = Path(__file__).resolve().parent
@@ -275,6 +276,9 @@ class DevstackProcess:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            # A benchmark killed (SIGTERM, SIGKILL) takes its devstack with it: otherwise the
+            # cluster runs on, loading the machine for the next run.
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + timeout
         info_file = state_dir / "devstack.json"
