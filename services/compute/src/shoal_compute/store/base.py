@@ -70,11 +70,13 @@ class ExecutionStore(Protocol):
         new: LocalState,
         events: Sequence[Event] = (),
         **changes: Any,
-    ) -> ExecutionRecord:
+    ) -> None:
         """Move to ``new`` if the current state is one of ``expected``; stage ``events``.
 
         Raises NotFound for an unknown id and InvalidTransition when the state moved on.
-        ``changes`` may set ``result_cid``, ``error`` and ``run_output``.
+        ``changes`` may set ``result_cid``, ``error`` and ``run_output``. Returns nothing:
+        every caller already holds the record, and reading the row back (with its job) cost
+        more than the update (ADR 0024).
         """
         ...
 

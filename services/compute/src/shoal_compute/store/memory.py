@@ -59,17 +59,15 @@ class MemoryExecutionStore:
         new: LocalState,
         events: Sequence[Event] = (),
         **changes: Any,
-    ) -> ExecutionRecord:
+    ) -> None:
         current = await self.get(execution_id)
         if current.state not in expected:
             raise InvalidTransition(
                 f"execution {execution_id} is {current.state.value}, not "
                 f"{'/'.join(sorted(s.value for s in expected))}; cannot move it to {new.value}"
             )
-        record = current.moved_to(new, **changes)
-        self._records[execution_id] = record
+        self._records[execution_id] = current.moved_to(new, **changes)
         self._stage(events)
-        return record
 
     async def find_by_result(self, result_cid: str) -> ExecutionRecord | None:
         for record in self._records.values():
