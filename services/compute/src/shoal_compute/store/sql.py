@@ -61,12 +61,12 @@ def _dump_run_output(value: RunOutput | None) -> bytes | None:
 # Built once: constructing a statement per call cost more than running it (stress profile).
 _INSERT_EXECUTION = insert(executions)
 _SELECT_EXECUTION = select(executions).where(executions.c.id == bindparam("b_id"))
-# Compare-and-set on the state; the columns to change come with the parameters.
 
 
 @functools.cache
 def _transition(expected: int) -> Any:
-    """The compare-and-set update from any of ``expected`` states (binds ``b_e0``...).
+    """The compare-and-set update from any of ``expected`` states (binds ``b_e0``...); the
+    columns to change come with the parameters.
 
     A fixed list of binds and no RETURNING: so on SQLite it runs on the driver (the group-commit
     engine's DML path) instead of through SQLAlchemy's execution, which with the row read back
