@@ -3,8 +3,10 @@ reach NATS through its own :class:`TcpProxy`, use another database, or get its o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -93,6 +95,35 @@ class FaultCluster(ProcessCluster):
 
     def log_of(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def metric(self, name: str, metric: str) -> float:
+        """An unlabelled metric of a compute node, read from the HTTP endpoint it logged on its
+        last start (it serves HTTP directly, not through any NATS proxy)."""
+        url = self.logged(name, "compute_node_started")[-1]["content_url"]
+        text = httpx.get(f"{url}/metrics", timeout=2).text
+        for line in text.splitlines():
+            sample, _, value = line.partition(" ")
+            if sample == metric:
+                return float(value)
+        raise AssertionError(f"{name} has no metric {metric}")
+
+    def logged(
+        self, name: str, event: str | None = None, *, level: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The structured log records a service wrote so far, of ``event`` and/or ``level`` (a
+        substring match on the raw log would also hit other events naming the same ids)."""
+        records = []
+        for line in self.log_of(name).splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            if event not in (None, record.get("event")) or level not in (None, record.get("level")):
+                continue
+            records.append(record)
+        return records
 
 
 def all_terminal(states: list[JobState]) -> bool:

@@ -31,7 +31,7 @@ def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(tmp_path
         # job's results are settled by the requester alone, ADR 0017).
         job_ids = [client.submit(noop_spec(PublisherType.LOCAL)).metadata.id for _ in range(8)]
 
-        def running_on_victim() -> list[tuple[str, str]]:
+        def accepted_on_victim() -> list[tuple[str, str]]:
             return [
                 (j, e.compute_reference)
                 for j in job_ids
@@ -39,9 +39,15 @@ def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(tmp_path
                 if e.node_id == "compute-0" and e.state.value == "BidAccepted"
             ]
 
-        stranded = wait_until(running_on_victim, timeout=15, what="executions on compute-0")
+        def victim_running() -> bool:
+            return cluster.metric("compute-0", "shoal_compute_executions_running") >= 1
+
+        wait_until(victim_running, timeout=15, what="an execution running on compute-0")
         cluster.proxies["compute-0"].cut()
         cut_at = time.monotonic()
+        # What the requester had accepted compute-0 for when the link went. Not all of it need
+        # have reached the node: an acceptance is recorded before it is sent.
+        accepted = accepted_on_victim()
 
         def victim_lost() -> bool:
             return cluster.nodes().get("compute-0", "").lower() not in ("live", "")
@@ -50,17 +56,18 @@ def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(tmp_path
         detected = time.monotonic() - cut_at
         states = wait_all_terminal(client.state, job_ids, timeout=30)
         replaced = time.monotonic() - cut_at
-        # Meanwhile compute-0 ran its executions to the end: its results wait in its outbox.
-        wait_until(
-            lambda: all(
-                ex in line
-                for _, ex in stranded
-                for line in [cluster.log_of("compute-0")]
-                if "execution_Completed" in line
-            ),
-            timeout=15,
-            what="compute-0 finishing its stranded executions",
-        )
+
+        # Meanwhile compute-0 ran what it had to the end: its results wait in its outbox.
+        def victim_idle() -> bool:
+            return all(
+                cluster.metric("compute-0", f"shoal_compute_executions_{gauge}") == 0
+                for gauge in ("running", "queued")
+            )
+
+        wait_until(victim_idle, timeout=15, what="compute-0 finishing its executions")
+        completed = {r["execution_id"] for r in cluster.logged("compute-0", "execution_completed")}
+        stranded = [(job_id, ex) for job_id, ex in accepted if ex in completed]
+        assert stranded, f"compute-0 completed none of {accepted} (it completed {completed})"
         cluster.proxies["compute-0"].restore()
         wait_until(lambda: cluster.nodes().get("compute-0") == "live", timeout=20, what="back")
 
@@ -72,7 +79,13 @@ def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(tmp_path
                     return False
             return True
 
-        wait_until(late_published, timeout=20, what="late results relayed after the partition")
+        try:
+            wait_until(late_published, timeout=20, what="late results relayed after the partition")
+        except AssertionError as exc:  # say where they got stuck
+            raise AssertionError(
+                f"{exc}\ncompute-0 warnings: {cluster.logged('compute-0', level='warning')}"
+                f"\npublisher warnings: {cluster.logged('publisher', level='warning')}"
+            ) from None
         # ... and change nothing users see: one completed execution and one result per job.
         final = [client.state(j) for j in job_ids]
         assert [s.state.value for s in final] == ["Completed"] * len(job_ids)

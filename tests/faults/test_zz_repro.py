@@ -1,0 +1,90 @@
+"""F8: a compute node cut off from NATS (a proxy the test controls) and coming back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shoal_common.spec import PublisherType
+from tests.faults.cluster import FaultCluster, completed_executions, noop_spec, wait_all_terminal
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.xdist_group("processes")]
+
+
+def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(tmp_path: Path) -> None:
+    cluster = FaultCluster(
+        tmp_path / "cluster",
+        compute_nodes=2,
+        nats_proxied=("compute-0",),
+        env_of={
+            "compute-0": {"SHOAL_COMPUTE_NOOP_DELAY_S": "3"},
+            "compute-1": {"SHOAL_COMPUTE_NOOP_DELAY_S": "0.2"},
+        },
+    ).start()
+    try:
+        client = cluster.client(tmp_path / "key")
+        # A Local publisher, so the late results have a publisher to reach (a noop-published
+        # job's results are settled by the requester alone, ADR 0017).
+        job_ids = [client.submit(noop_spec(PublisherType.LOCAL)).metadata.id for _ in range(8)]
+
+        def running_on_victim() -> list[tuple[str, str]]:
+            return [
+                (j, e.compute_reference)
+                for j in job_ids
+                for e in client.state(j).executions
+                if e.node_id == "compute-0" and e.state.value == "BidAccepted"
+            ]
+
+        stranded = wait_until(running_on_victim, timeout=15, what="executions on compute-0")
+        cluster.proxies["compute-0"].cut()
+        cut_at = time.monotonic()
+
+        def victim_lost() -> bool:
+            return cluster.nodes().get("compute-0", "").lower() not in ("live", "")
+
+        wait_until(victim_lost, timeout=15, what="compute-0 seen as lost")
+        detected = time.monotonic() - cut_at
+        states = wait_all_terminal(client.state, job_ids, timeout=30)
+        replaced = time.monotonic() - cut_at
+
+        # Meanwhile compute-0 ran its executions to the end: its results wait in its outbox.
+        # (Restored before that, it would hear its executions were replaced and cancel them,
+        # leaving no late result to check.)
+        def victim_finished() -> bool:
+            completed = {
+                r["execution_id"] for r in cluster.logged("compute-0", "execution_completed")
+            }
+            return {ex for _, ex in stranded} <= completed
+
+        wait_until(victim_finished, timeout=15, what="compute-0 finishing its stranded executions")
+        time.sleep(float(__import__("os").environ.get("REPRO_SLEEP", "8")))
+        cluster.proxies["compute-0"].restore()
+        wait_until(lambda: cluster.nodes().get("compute-0") == "live", timeout=20, what="back")
+
+        # Its late results reach the verifier and publisher...
+        def late_published() -> bool:
+            for job_id, ex in stranded:
+                r = httpx.get(f"{cluster.publisher_url}/publisher/jobs/{job_id}", timeout=2)
+                if r.status_code != 200 or ex not in {p["execution_id"] for p in r.json()}:
+                    return False
+            return True
+
+        wait_until(late_published, timeout=20, what="late results relayed after the partition")
+        # ... and change nothing users see: one completed execution and one result per job.
+        final = [client.state(j) for j in job_ids]
+        assert [s.state.value for s in final] == ["Completed"] * len(job_ids)
+        assert [s.version for s in final] == [s.version for s in states]
+        for job_id, ex in stranded:
+            state = client.state(job_id)
+            assert completed_executions(state) != [ex]
+            assert len(completed_executions(state)) == 1
+            assert len(client.results(job_id)) == 1
+            mine = next(e for e in state.executions if e.compute_reference == ex)
+            assert mine.state.value == "Failed"
+        print(f"partition: detect {detected:.1f} s, all terminal {replaced:.1f} s")
+    finally:
+        cluster.stop()
