@@ -12,9 +12,7 @@
   system's), cached on disk so the 300,000 bodies of a 10-minute run at 500 jobs/s are signed
   once per machine.
 * ``Environment``: load average and the CPU other processes used during a run (the machine has
-  2 cores and is shared), and how fast the file system creates inodes, recorded next to every
-  figure. ``settle_filesystem``: a devstack starts only once inode creation is calm again
-  after a mass deletion (a test run's clean-up slows it down 10-25x for minutes here).
+  2 cores and is shared), recorded next to every figure.
 * ``record``/``emit``: one JSON line per run in ``results/<name>.jsonl`` with the command line.
 """
 
@@ -35,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -157,60 +155,6 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-# Inode creation on this VM's file system (ext4 without a journal) slows down 10-25x for a few
-# minutes after many files are deleted: each new inode is checked against every recently
-# deleted one (the kernel's ``recently_deleted``, seen with perf). A compute node creates ~5
-# inodes per execution, so a benchmark started right after a test run's clean-up measured the
-# clean-up too. Calm here: 25-40 us per inode; right after 25,000 deletions: 500-800 us.
-FS_CALM_US = 60.0
-# How long a devstack may wait for that (0: not at all, as the harness's own tests do).
-FS_SETTLE_MAX_S = float(os.environ.get("SHOAL_BENCH_FS_SETTLE_S", "300"))
-_FS_PROBE_INODES = 200
-
-
-def inode_create_us() -> float:
-    """Microseconds (wall) per new file or folder in the temp folder, where devstacks keep
-    their state: half folders, half files, like a compute node's execution folders."""
-    probe = Path(tempfile.mkdtemp(prefix="shoal-fs-probe-"))
-    try:
-        started = time.perf_counter()
-        for i in range(_FS_PROBE_INODES // 2):
-            os.mkdir(probe / f"d{i}")
-            os.close(os.open(probe / f"d{i}" / "f", os.O_CREAT | os.O_WRONLY, 0o644))
-        took = time.perf_counter() - started
-    finally:
-        for i in range(_FS_PROBE_INODES // 2):
-            with contextlib.suppress(OSError):
-                os.unlink(probe / f"d{i}" / "f")
-                os.rmdir(probe / f"d{i}")
-        with contextlib.suppress(OSError):
-            os.rmdir(probe)
-    return round(took / _FS_PROBE_INODES * 1e6, 1)
-
-
-def settle_filesystem(
-    max_wait_s: float = FS_SETTLE_MAX_S,
-    *,
-    probe: Callable[[], float] = lambda: inode_create_us(),
-    sleep: Callable[[float], None] = time.sleep,
-) -> float:
-    """Wait (at most ``max_wait_s``) until creating inodes is calm again; the last probe."""
-    deadline = time.monotonic() + max_wait_s
-    created_us = probe()
-    if created_us <= FS_CALM_US or max_wait_s <= 0:
-        return created_us
-    print(
-        f"waiting for the file system to settle: {created_us:.0f} us per new inode "
-        f"(calm <= {FS_CALM_US:.0f}; recent mass deletions slow it down)",
-        flush=True,
-    )
-    while created_us > FS_CALM_US and time.monotonic() < deadline:
-        sleep(5)
-        created_us = probe()
-    print(f"file system: {created_us:.0f} us per new inode", flush=True)
-    return created_us
-
-
 class Environment:
     """Samples the load average and machine CPU during a run, in a thread (1 s period).
 
@@ -224,7 +168,6 @@ class Environment:
         self._groups = {name: set(pids) for name, pids in groups.items()}
         self._groups.setdefault("generator", set()).add(os.getpid())
         self._samples: list[float] = []
-        self._fs_create_us = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start_load = loadavg()
@@ -263,7 +206,6 @@ class Environment:
         return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
     def __enter__(self) -> Environment:
-        self._fs_create_us = inode_create_us()
         self._t0 = time.monotonic()
         self._busy0 = self._machine_busy()
         self._cpu0 = self._group_cpu()
@@ -295,7 +237,6 @@ class Environment:
             "loadavg_1m_max": round(max(samples), 2),
             **{f"{k}_cpu_cores": round(v / self.elapsed, 2) for k, v in self.cpu.items()},
             "other_cpu_cores": round(max(0.0, self.busy - own) / self.elapsed, 2),
-            "fs_create_us": self._fs_create_us,
         }
 
 
@@ -328,7 +269,6 @@ class DevstackProcess:
 
     @classmethod
     def start(cls, *args: str, timeout: float = 120) -> DevstackProcess:
-        settle_filesystem()
         state_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
         log = (state_dir / "devstack.log").open("wb")
         proc = subprocess.Popen(

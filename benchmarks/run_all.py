@@ -506,9 +506,7 @@ def render(state: dict[str, Any], quick: bool) -> str:
         + f"{os.cpu_count()} cores, shared with other work: `load` is the 1-minute load average "
         "during the run, `other` the CPU cores other processes used meanwhile, and `speed` the "
         f"milliseconds a fixed Python loop ({SPEED_LOOP:,} additions, best of 5) took just "
-        "before the run: this VM's speed swings by up to 2x within the hour, lower is faster; "
-        "`fs` the microseconds per new file or folder in the temp folder at the start (a "
-        "devstack waits for it to be calm after mass deletions, `benchmarks/common.py`). "
+        "before the run: this VM's speed swings by up to 2x within the hour, lower is faster. "
         "Each figure "
         "is from the run whose headline figure was the median of three (its three values "
         "under `runs`), unless noted. `ratio` is figure / goal (at most 1 meets a "
@@ -517,7 +515,7 @@ def render(state: dict[str, Any], quick: bool) -> str:
         "docs/benchmarks.md. Every run's full figures: `results/<name>.jsonl`.",
         "",
         "| # | target | figure | value | goal (issue 6) | ratio | met | reference | vs ref "
-        "| runs | load / other / speed / fs | date | command |",
+        "| runs | load / other / speed | date | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in TARGETS:
@@ -533,8 +531,7 @@ def render(state: dict[str, Any], quick: bool) -> str:
             lines.append(f"| {t.id} | {t.title} | skipped | {why} | | | | | | | | {date} | |")
             continue
         other = figs.get("other_cpu_cores", figs.get("n10_other_cpu_cores", "-"))
-        fs = figs.get("fs_create_us", figs.get("n10_fs_create_us", "-"))
-        load = f"{_load(figs)} / {other} / {figs.get('_speed_ms', '-')} / {fs}"
+        load = f"{_load(figs)} / {other} / {figs.get('_speed_ms', '-')}"
         unit = next((r.unit for r in t.rows if r.key == t.headline), "")
         runs = ", ".join(_fmt(r, unit) for r in figs.get("_runs", [])) or "1 run"
         for i, row in enumerate(t.rows):

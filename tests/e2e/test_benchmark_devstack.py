@@ -23,8 +23,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.xdist_group(
 ROOT = Path(__file__).resolve().parents[2]
 
 BENCHMARK = """
-import os
-os.environ["SHOAL_BENCH_FS_SETTLE_S"] = "0"  # no waiting for a calm file system here
 import signal
 from benchmarks.common import DevstackProcess
 stack = DevstackProcess.start("--noop", "--compute-nodes", "1")
