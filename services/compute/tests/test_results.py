@@ -13,7 +13,8 @@ from shoal_common.cid import cid_of_path
 from shoal_common.content_store import safe_extract_tar
 from shoal_common.events import ExecutionFailed, ResultProposed
 from shoal_common.spec import StorageSpec
-from shoal_compute.executors.base import ExecutionRequest
+from shoal_compute.domain.results import make_results_dir
+from shoal_compute.executors.base import ExecutionRequest, write_run_files
 from shoal_compute.executors.noop import NoopOutput
 from shoal_compute.testing import MakeNode, noop_job
 
@@ -152,3 +153,24 @@ async def test_timed_out_run_still_serves_what_it_wrote(
     safe_extract_tar(io.BytesIO(response.content), target)
     assert (target / "outputs" / "early.txt").read_text() == "partial\n"
     assert cid_of_path(target) == event.result_cid
+
+
+def test_run_files_replace_what_was_there_and_make_a_missing_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "executions" / "e1" / "results"
+    write_run_files(folder, b"a much longer first output\n", b"warning\n", 1)
+    write_run_files(folder, b"short\n", b"", 0)  # written again in place: nothing left over
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
+        "stdout": b"short\n",
+        "stderr": b"",
+        "exitCode": b"0",
+    }
+
+
+def test_results_folder_is_made_once_and_again_without_error(tmp_path: Path) -> None:
+    results = tmp_path / "executions" / "e1" / "results"
+    make_results_dir(results)  # the executions folder itself missing
+    (results / "stdout").write_bytes(b"kept")
+    make_results_dir(results)  # a second run (after a restart): already there
+    assert (results / "stdout").read_bytes() == b"kept"
+    make_results_dir(tmp_path / "executions" / "e2" / "results")  # the usual case
+    assert sorted(p.name for p in (tmp_path / "executions").iterdir()) == ["e1", "e2"]

@@ -89,7 +89,7 @@ from shoal_compute import __version__
 from shoal_compute.adapters.content import ContentCache
 from shoal_compute.adapters.sealing import ProposalSealer
 from shoal_compute.api.content import router as content_router
-from shoal_compute.executors.base import write_exit_code
+from shoal_compute.executors.base import write_run_files
 
 log = structlog.get_logger(__name__)
 
@@ -492,10 +492,7 @@ class SimulatedFleet:
 
 def _write_empty_result(results: Path) -> None:
     """What a noop run that printed nothing leaves: empty stdout/stderr, exit code 0."""
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "stdout").write_bytes(b"")
-    (results / "stderr").write_bytes(b"")
-    write_exit_code(results, 0)
+    write_run_files(results, b"", b"", 0)
 
 
 # --- a process of its own: ``python -m shoal_compute.simulated`` (what the devstack starts) ---

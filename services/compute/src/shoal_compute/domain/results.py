@@ -42,13 +42,23 @@ class ExecutionPaths:
         return self.results / name
 
 
+def make_results_dir(results_dir: Path) -> None:
+    """The execution's folder and its results folder: on a first run, two mkdir calls (not
+    pathlib's parents=True, which fails on the missing parent first and retries)."""
+    try:
+        os.mkdir(results_dir.parent)
+        os.mkdir(results_dir)
+    except OSError:  # already there (a run after a restart), or an executions folder missing
+        results_dir.mkdir(parents=True, exist_ok=True)
+
+
 def prepare_outputs(outputs: Sequence[StorageSpec] | None, results_dir: Path) -> list[Mount]:
     """Create one writable folder per output volume inside the results folder.
 
     Names are checked first (one plain segment, not reserved), so nothing a job names can
     land outside its results folder.
     """
-    results_dir.mkdir(parents=True, exist_ok=True)
+    make_results_dir(results_dir)
     mounts: list[Mount] = []
     seen: set[str] = set()
     for spec in outputs or []:

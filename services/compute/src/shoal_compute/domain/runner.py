@@ -80,6 +80,7 @@ class Active:
     phase: Phase = Phase.QUEUED
     cancel_reason: str | None = None
     stopping: bool = False  # node shutdown, not a user cancel
+    fetches_inputs: bool = False  # an inputs folder may exist, to remove at the end
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -209,7 +210,8 @@ class ExecutionRunner:
             _duration_metric(engine).observe(time.monotonic() - active.started)
             self.active.pop(record.id, None)
             self._finished(record.id)
-            self._cleanup_inputs(record.id)
+            if active.fetches_inputs:
+                self._cleanup_inputs(record.id)
 
     async def _execute(self, active: Active) -> list[tuple[LocalState, Event, dict[str, object]]]:
         record, job = active.record, active.job
@@ -223,6 +225,7 @@ class ExecutionRunner:
             outputs = prepare_outputs(spec.outputs, paths.results)
             wanted = job_inputs(spec)
             if wanted:
+                active.fetches_inputs = True
                 fetch_started = time.perf_counter()
                 inputs = await self._fetcher.fetch_inputs(wanted, paths.inputs)
                 metrics.INPUT_FETCH_DURATION.observe(time.perf_counter() - fetch_started)

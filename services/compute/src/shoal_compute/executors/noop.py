@@ -20,7 +20,7 @@ from shoal_compute.executors.base import (
     ExecutionRequest,
     LogStream,
     RunResult,
-    write_exit_code,
+    write_run_files,
 )
 
 
@@ -154,7 +154,4 @@ class NoopExecutor:
 
 def _write(results_dir: Path, stdout: str, stderr: str, exit_code: int) -> None:
     # Small files, written synchronously: cheaper than a thread hop on the hot path.
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "stdout").write_bytes(stdout.encode())
-    (results_dir / "stderr").write_bytes(stderr.encode())
-    write_exit_code(results_dir, exit_code)
+    write_run_files(results_dir, stdout.encode(), stderr.encode(), exit_code)
