@@ -31,6 +31,7 @@ from shoal_common.cid import (
     TreeCidBuilder,
     _FileDag,
     _murmur3_x64_64,
+    _read_small_regular,
     cid_and_size_of_path,
     cid_of_bytes,
     cid_of_file,
@@ -837,3 +838,23 @@ def test_small_tree_refuses_symlinks(tmp_path: Path) -> None:
         cid_of_small_tree(root, max_bytes=1 << 20, max_entries=10)
     with pytest.raises(ValueError, match="symlink"):
         cid_and_size_of_path(root)
+
+
+def test_a_small_file_that_grew_since_its_lstat_is_read_to_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "stdout"
+    path.write_bytes(b"0123456789" * 10)
+    assert _read_small_regular(str(path), 100) == b"0123456789" * 10
+    assert _read_small_regular(str(path), 5) == b"0123456789" * 10  # as if it grew after lstat
+    assert _read_small_regular(str(path), 500) == b"0123456789" * 10  # or shrank
+
+
+def test_a_small_file_swapped_after_its_lstat_is_still_refused(tmp_path: Path) -> None:
+    # What _tree_link's small-file read meets if a run swaps a file for a FIFO or a symlink
+    # between its lstat and the open.
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="regular file"):
+        _read_small_regular(str(fifo), 10)
+    with pytest.raises(ValueError, match="symlink"):
+        _read_small_regular(str(link), 10)
