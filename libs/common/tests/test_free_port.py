@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections import deque
+
+import pytest
 
 from shoal_common.natsserver import _ephemeral_low, free_port, port_is_free
 
@@ -19,3 +22,13 @@ def test_a_listening_port_is_not_free() -> None:
         listener.bind(("127.0.0.1", free_port()))
         listener.listen()
         assert not port_is_free(listener.getsockname()[1])
+
+
+def test_a_port_is_not_given_twice_before_it_is_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two picks before either listener binds (nats-server's client and monitor ports): the
+    # second must not be the first again, free as it still is.
+    picks = iter([24001, 24001, 24002])
+    monkeypatch.setattr("shoal_common.natsserver.random.randint", lambda _a, _b: next(picks))
+    monkeypatch.setattr("shoal_common.natsserver._GIVEN", deque(maxlen=8))
+    monkeypatch.setattr("shoal_common.natsserver.port_is_free", lambda _port: True)
+    assert [free_port(), free_port()] == [24001, 24002]

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,15 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# Ports this process handed out lately: several are often picked before any is bound (a NATS
+# server's client and monitor ports, a devstack's services), and a port free at both picks
+# must not be given twice (CI: nats-server's monitor took its own client port).
+_GIVEN: deque[int] = deque(maxlen=1024)
+
+
 def free_port() -> int:
-    """A loopback port that is free now, picked below the kernel's ephemeral range.
+    """A loopback port that is free now, picked below the kernel's ephemeral range, and not
+    one this process was given lately.
 
     A port the kernel hands out for ``bind(0)`` is an ephemeral one, so any outgoing connection
     may take it between this call and the listener's bind ("address already in use" in parallel
@@ -55,11 +63,14 @@ def free_port() -> int:
     high = _ephemeral_low() - 1
     for _ in range(50):
         port = random.randint(low, high) if high > low else 0
-        if port and port_is_free(port):
+        if port and port not in _GIVEN and port_is_free(port):
+            _GIVEN.append(port)
             return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _GIVEN.append(port)
+    return port
 
 
 @dataclass
