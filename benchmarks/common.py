@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import struct
@@ -259,6 +260,15 @@ def devstack_supports(flag: str) -> bool:
     return flag in devstack_help()
 
 
+# A devstack's state folder holds every execution's files (about 22 KB a job: 6.5 GB for a
+# ten-minute run at 500 jobs/s), so it is removed when the devstack stops after a run that did
+# not fail. Deleting that many files slows the file creations after it down for minutes on this
+# VM (docs/benchmarks.md), so run_all.py gathers its runs' folders under one folder of its own
+# (this variable) and removes that once, at its end; SHOAL_BENCH_KEEP_STATE=1 keeps them all.
+STATE_ROOT_ENV = "SHOAL_BENCH_STATE_ROOT"
+KEEP_STATE_ENV = "SHOAL_BENCH_KEEP_STATE"
+
+
 @dataclass
 class DevstackProcess:
     """``shoal devstack`` in a child process, so the load generator gets its own core."""
@@ -269,17 +279,22 @@ class DevstackProcess:
 
     @classmethod
     def start(cls, *args: str, timeout: float = 120) -> DevstackProcess:
-        state_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
-        log = (state_dir / "devstack.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal_cli", "devstack", "--state-dir", str(state_dir), *args],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            # A benchmark killed (SIGTERM, SIGKILL) takes its devstack with it: otherwise the
-            # cluster runs on, loading the machine for the next run.
-            preexec_fn=die_with_parent(),
+        state_dir = Path(
+            tempfile.mkdtemp(prefix="shoal-bench-", dir=os.environ.get(STATE_ROOT_ENV) or None)
         )
+        with (state_dir / "devstack.log").open("wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "shoal_cli", "devstack"),
+                    *("--state-dir", str(state_dir), *args),
+                ],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                # A benchmark killed (SIGTERM, SIGKILL) takes its devstack with it: otherwise
+                # the cluster runs on, loading the machine for the next run.
+                preexec_fn=die_with_parent(),
+            )
         deadline = time.monotonic() + timeout
         info_file = state_dir / "devstack.json"
         while time.monotonic() < deadline:
@@ -316,11 +331,19 @@ class DevstackProcess:
             self.process.kill()
             self.process.wait(10)
 
+    def remove_state(self) -> None:
+        """Delete the state folder, unless kept (see STATE_ROOT_ENV) or a run_all owns it."""
+        if os.environ.get(KEEP_STATE_ENV) or os.environ.get(STATE_ROOT_ENV):
+            return
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
     def __enter__(self) -> DevstackProcess:
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.stop()
+        if exc_type is None:  # a failed run keeps its devstack.log and state to look at
+            self.remove_state()
 
 
 def nats_varz(monitor_url: str | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import KEEP_STATE_ENV, STATE_ROOT_ENV
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -653,14 +659,25 @@ def main() -> None:
         "table's command column shows what ran.",
     )
     args = p.parse_args()
+    state_file = STATE.with_suffix(".quick.json") if args.quick else STATE
+    table = HERE / ("RESULTS.quick.md" if args.quick else "RESULTS.md")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    log = Path(tempfile.mkdtemp(prefix="shoal-bench-log-")) / "run_all.log"
+    # The devstacks' state folders, removed together at the end (not between runs: a mass
+    # deletion slows the next run's file creations down, docs/benchmarks.md).
+    state_root = Path(tempfile.mkdtemp(prefix="shoal-bench-states-"))
+    os.environ.setdefault(STATE_ROOT_ENV, str(state_root))
+    try:
+        _run_targets(args, state_file, table, log)
+    finally:
+        if os.environ.get(STATE_ROOT_ENV) == str(state_root) and not os.environ.get(KEEP_STATE_ENV):
+            shutil.rmtree(state_root, ignore_errors=True)
+
+
+def _run_targets(args: argparse.Namespace, state_file: Path, table: Path, log: Path) -> None:
     overrides = {k.strip(): shlex.split(v) for k, _, v in (a.partition("=") for a in args.args)}
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    state_file = STATE.with_suffix(".quick.json") if args.quick else STATE
-    table = HERE / ("RESULTS.quick.md" if args.quick else "RESULTS.md")
-    state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
-    RESULTS_DIR.mkdir(exist_ok=True)
-    log = Path(tempfile.mkdtemp(prefix="shoal-bench-log-")) / "run_all.log"
     if not args.render:
         print(f"benchmark output: {log}")
         # As `make install` does: with PYTHONDONTWRITEBYTECODE set, a source edited since then
@@ -700,8 +717,7 @@ def main() -> None:
         }
         state_file.write_text(json.dumps(state, indent=1, default=str))
         table.write_text(render(state, args.quick))
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
     table.write_text(render(state, args.quick))
     print(f"\nwritten {table}")
 

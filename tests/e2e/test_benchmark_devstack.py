@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.xdist_group(
 ROOT = Path(__file__).resolve().parents[2]
 
 BENCHMARK = """
+import shutil
 import signal
 from benchmarks.common import DevstackProcess
 stack = DevstackProcess.start("--noop", "--compute-nodes", "1")
@@ -59,3 +61,33 @@ def test_a_killed_benchmark_takes_its_devstack_with_it() -> None:
             for pid in tree:  # whatever outlived it (a failure): not left loading the machine
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_benchmark_devstack_removes_its_state_unless_the_run_failed_or_run_all_owns_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.common import KEEP_STATE_ENV, STATE_ROOT_ENV, DevstackProcess
+
+    monkeypatch.delenv(STATE_ROOT_ENV, raising=False)
+    monkeypatch.delenv(KEEP_STATE_ENV, raising=False)
+    with DevstackProcess.start("--noop", "--compute-nodes", "1") as stack:
+        done = stack.state_dir
+        assert (done / "devstack.log").exists()
+    assert not done.exists()  # a clean run: its executions' files do not pile up
+
+    def failing_run() -> Path:
+        with DevstackProcess.start("--noop", "--compute-nodes", "1") as stack:
+            failed.append(stack.state_dir)
+            raise RuntimeError("the benchmark failed")
+
+    failed: list[Path] = []
+    with pytest.raises(RuntimeError):
+        failing_run()
+    assert (failed[0] / "devstack.log").exists()  # kept to look at
+    shutil.rmtree(failed[0])
+
+    monkeypatch.setenv(STATE_ROOT_ENV, str(tmp_path))  # as run_all sets it: removed at its end
+    with DevstackProcess.start("--noop", "--compute-nodes", "1") as stack:
+        owned = stack.state_dir
+    assert owned.parent == tmp_path
+    assert owned.exists()
