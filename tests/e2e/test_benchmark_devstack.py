@@ -66,6 +66,7 @@ def test_a_killed_benchmark_takes_its_devstack_with_it() -> None:
 def test_a_benchmark_devstack_removes_its_state_unless_the_run_failed_or_run_all_owns_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not a package the suite imports
     from benchmarks.common import KEEP_STATE_ENV, STATE_ROOT_ENV, DevstackProcess
 
     monkeypatch.delenv(STATE_ROOT_ENV, raising=False)
