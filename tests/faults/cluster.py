@@ -40,6 +40,7 @@ class FaultCluster(ProcessCluster):
     """
 
     nats_proxied: tuple[str, ...] = ()
+    nats_delay: float = 0.0  # what NATS sends a proxied service arrives this much later
     env_of: dict[str, dict[str, str]] = field(default_factory=dict)
     args_of: dict[str, list[str]] = field(default_factory=dict)
     database_url: str | None = None
@@ -52,7 +53,9 @@ class FaultCluster(ProcessCluster):
         env = {**(env or {}), **self.env_of.get(name, {})}
         service = super()._service(node_type, name, *extra, *self.args_of.get(name, []), env=env)
         if name in self.nats_proxied:
-            proxy = self.proxies.setdefault(name, TcpProxy(self.nats_port).start())
+            proxy = self.proxies.setdefault(
+                name, TcpProxy(self.nats_port, delay_to_client=self.nats_delay).start()
+            )
             at = service.args.index("--nats-url") + 1
             service.args[at] = f"nats://{proxy.url_host_port}"
         return service

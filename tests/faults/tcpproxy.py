@@ -1,6 +1,7 @@
 """A TCP proxy the test controls: put it between a service and NATS, Postgres or another
 service's HTTP endpoint, then cut the link (every connection reset, new ones refused), bring
-it back, or cut responses after so many bytes (an upload cut off halfway)."""
+it back, cut responses after so many bytes (an upload cut off halfway), or delay what flows
+to the service (a slow link: what is in flight when the link is cut is lost)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class TcpProxy:
     target_port: int
     target_host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
+    delay_to_client: float = 0.0  # seconds each chunk from the target waits before it is sent on
     connections: int = 0  # accepted while up (counts reconnects)
     _cut: bool = False
     _truncate_after: int | None = None
@@ -115,7 +117,7 @@ class TcpProxy:
         try:
             await asyncio.gather(
                 self._pipe(reader, up_writer, None, link),
-                self._pipe(up_reader, writer, limit, link),
+                self._pipe(up_reader, writer, limit, link, delay=self.delay_to_client),
             )
         finally:
             self._links.discard(link)
@@ -128,10 +130,16 @@ class TcpProxy:
         sink: asyncio.StreamWriter,
         limit: int | None,
         link: _Link,
+        *,
+        delay: float = 0.0,
     ) -> None:
         sent = 0
         try:
             while data := await source.read(_CHUNK):
+                if delay:
+                    await asyncio.sleep(delay)
+                    if link not in self._links:
+                        return  # cut meanwhile: what was on the slow link is lost
                 if limit is not None and sent + len(data) >= limit:
                     sink.write(data[: max(0, limit - sent)])
                     await sink.drain()
