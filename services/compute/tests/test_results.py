@@ -174,3 +174,13 @@ def test_results_folder_is_made_once_and_again_without_error(tmp_path: Path) -> 
     assert (results / "stdout").read_bytes() == b"kept"
     make_results_dir(tmp_path / "executions" / "e2" / "results")  # the usual case
     assert sorted(p.name for p in (tmp_path / "executions").iterdir()) == ["e1", "e2"]
+
+
+def test_run_files_are_not_written_through_a_symlink(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    outside = tmp_path / "outside"
+    (folder / "exitCode").symlink_to(outside)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):  # ELOOP
+        write_run_files(folder, b"", b"", 0)
+    assert not outside.exists()

@@ -119,8 +119,10 @@ class Executor(Protocol):
 
 def write_small_file(path: str, data: bytes) -> None:
     """Create or replace a small file: one open, write and close (no buffered file object:
-    three of these per execution were a visible share of a noop job's CPU)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    three of these per execution were a visible share of a noop job's CPU). A symlink in its
+    place is refused (OSError), not written through: results folders hold what jobs wrote."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, 0o644)
     try:
         view = memoryview(data)
         while view:
