@@ -282,12 +282,10 @@ class DevstackProcess:
         state_dir = Path(
             tempfile.mkdtemp(prefix="shoal-bench-", dir=os.environ.get(STATE_ROOT_ENV) or None)
         )
+        command = [sys.executable, "-m", "shoal_cli", "devstack", "--state-dir", str(state_dir)]
         with (state_dir / "devstack.log").open("wb") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "shoal_cli", "devstack"),
-                    *("--state-dir", str(state_dir), *args),
-                ],
+                [*command, *args],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,

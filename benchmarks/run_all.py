@@ -664,14 +664,16 @@ def main() -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     log = Path(tempfile.mkdtemp(prefix="shoal-bench-log-")) / "run_all.log"
     # The devstacks' state folders, removed together at the end (not between runs: a mass
-    # deletion slows the next run's file creations down, docs/benchmarks.md).
-    state_root = Path(tempfile.mkdtemp(prefix="shoal-bench-states-"))
-    os.environ.setdefault(STATE_ROOT_ENV, str(state_root))
+    # deletion slows the next run's file creations down, docs/benchmarks.md); unless the
+    # caller named a folder of its own.
+    owns_state_root = not os.environ.get(STATE_ROOT_ENV)
+    if owns_state_root:
+        os.environ[STATE_ROOT_ENV] = tempfile.mkdtemp(prefix="shoal-bench-states-")
     try:
         _run_targets(args, state_file, table, log)
     finally:
-        if os.environ.get(STATE_ROOT_ENV) == str(state_root) and not os.environ.get(KEEP_STATE_ENV):
-            shutil.rmtree(state_root, ignore_errors=True)
+        if owns_state_root and not os.environ.get(KEEP_STATE_ENV):
+            shutil.rmtree(os.environ[STATE_ROOT_ENV], ignore_errors=True)
 
 
 def _run_targets(args: argparse.Namespace, state_file: Path, table: Path, log: Path) -> None:

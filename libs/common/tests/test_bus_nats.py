@@ -24,7 +24,7 @@ from shoal_common.bus import NatsBus, Poison
 from shoal_common.events import Envelope, ExecutionCancelled
 from shoal_common.natsserver import NatsServer, start_nats_server
 from shoal_common.subjects import Producer, stream_name
-from shoal_common.testing import wait_for
+from shoal_common.testing import publish_until_accepted, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -346,15 +346,7 @@ async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:
             server.kill()
             server = start_nats_server(tmp_path / "nats", port=port)
             env = event(2)
-
-            async def published() -> bool:
-                try:
-                    await producer.publish_event(env)
-                except Exception:
-                    return False
-                return True
-
-            await wait_for(published, timeout=15, interval=0.3)
+            await publish_until_accepted(producer, env, timeout=15, interval=0.3)
             # The pull request died with the server; the reconnect renews it at once.
             await until(lambda: env.id in got, timeout=5)
             assert got.count(got[0]) == 1

@@ -12,11 +12,15 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from shoal_common.natsserver import NatsServer, start_nats_server
+
+if TYPE_CHECKING:
+    from shoal_common.bus import Bus
+    from shoal_common.events import Envelope
 
 T = TypeVar("T")
 
@@ -105,3 +109,19 @@ async def wait_for(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
         await asyncio.sleep(interval)
+
+
+async def publish_until_accepted(
+    bus: Bus, envelope: Envelope, *, timeout: float = 30.0, interval: float = 0.02
+) -> None:
+    """Publish ``envelope``, trying again while the bus refuses it (NATS restarting, the client
+    reconnecting, a stream just created on a cluster with no leader yet) until ``timeout``."""
+
+    async def published() -> bool:
+        try:
+            await bus.publish_event(envelope)
+        except Exception:
+            return False
+        return True
+
+    await wait_for(published, timeout=timeout, interval=interval)
