@@ -36,7 +36,7 @@ from shoal_requester.domain.model import (
     JobQuery,
     JobRecord,
 )
-from shoal_requester.domain.orchestrator import WAITING_FOR_APPROVAL, Orchestrator
+from shoal_requester.domain.orchestrator import WAITING_FOR_APPROVAL, NewJobWrite, Orchestrator
 from shoal_requester.domain.ports import ComputeClient, NodeCallFailed
 from shoal_requester.domain.validation import check_job_id, storable_text, validate_submit
 from shoal_requester.settings import RequesterSettings
@@ -116,10 +116,18 @@ class JobService:
             updated=now,
             submit_key=submit_key,
         )
-        stored, created = await self._store.create_job(record)
+        # Placement starts now: its asks to the nodes overlap the job's write, and it records
+        # its decision only after the job's row (ADR 0026).
+        write = NewJobWrite()
+        self._orchestrator.schedule(record, write)
+        try:
+            stored, created = await self._store.create_job(record, on_ordered=write.row_ordered)
+        except BaseException:
+            write.finished(False)
+            raise
+        write.finished(created)
         if created:
             metrics.JOBS_SUBMITTED.inc()
-            self._orchestrator.schedule(stored)
         return stored, created
 
     def check_feasible(self, spec: Spec, resources: Capacity, *, client_id: str) -> None:

@@ -106,6 +106,43 @@ _END_COMMENTS = {
 _ON_NODE = frozenset({ES.BID_ACCEPTED, ES.WAITING_VERIFICATION, ES.RESULT_ACCEPTED})
 
 
+class JobNotStored(Conflict):
+    """A just-submitted job turned out never to have been stored (a replayed submit answered
+    with the earlier job, or the write failed): its eager placement records nothing."""
+
+
+class NewJobWrite:
+    """The write of a just-submitted job, as its eager placement sees it (ADR 0026).
+
+    The placement asks nodes for bids while the job's row is being written, and records its
+    decision once writes started after the row's are sure to commit after it
+    (:meth:`row_ordered`, from the store) or the row is stored (:meth:`finished`).
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ordered: asyncio.Future[bool] = loop.create_future()
+        self._stored: asyncio.Future[bool] = loop.create_future()
+
+    def row_ordered(self) -> None:
+        if not self._ordered.done():
+            self._ordered.set_result(True)
+
+    def finished(self, stored: bool) -> None:
+        """The write returned (``stored``: it inserted the job) or failed (False)."""
+        if not self._ordered.done():
+            self._ordered.set_result(stored)
+        if not self._stored.done():
+            self._stored.set_result(stored)
+
+    async def may_write(self) -> bool:
+        """Wait until a write may follow the row's; False: the row will never exist."""
+        return await asyncio.shield(self._ordered)
+
+    async def stored(self) -> bool:
+        return await asyncio.shield(self._stored)
+
+
 @dataclass
 class _Answer:
     node: TrackedNode
@@ -198,6 +235,8 @@ class Orchestrator:
         # handling reads them from here instead of the database (writes stay compare-and-set,
         # and a conflict drops the entry, so another writer cannot leave it stale for long).
         self._working: dict[str, tuple[JobRecord, list[ExecutionRecord]]] = {}
+        # Jobs whose placement started while their row was being written (ADR 0026).
+        self._new_jobs: dict[str, NewJobWrite] = {}
         self._placing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._drain_wanted = asyncio.Event()
@@ -287,10 +326,15 @@ class Orchestrator:
         self, changes: Changes, job: JobRecord, executions: Sequence[ExecutionRecord]
     ) -> list[HistoryRecord] | None:
         """Write ``changes`` (made from ``job`` and ``executions``) and remember the result."""
+        new_job = self._new_jobs.get(job.id)
+        if new_job is not None and not await new_job.may_write():
+            raise JobNotStored(f"job {job.id} was not stored")
         try:
             rows = await self._store.apply(changes)
         except Conflict:
             self._working.pop(job.id, None)
+            if new_job is not None and not await new_job.stored():
+                raise JobNotStored(f"job {job.id} was not stored") from None
             raise
         if rows is None:  # the event was applied before: what we read may be stale
             self._working.pop(job.id, None)
@@ -316,9 +360,25 @@ class Orchestrator:
 
     # --- placement -----------------------------------------------------------------------------
 
-    def schedule(self, job: JobRecord) -> None:
-        """Place a just-submitted job in the background (no executions exist yet)."""
-        self._spawn(self._place_when_reachable(job.id, fresh=job), f"place-{job.id}")
+    def schedule(self, job: JobRecord, write: NewJobWrite | None = None) -> None:
+        """Place a just-submitted job in the background (no executions exist yet).
+
+        With ``write`` the job is still being written: its nodes are asked meanwhile, and what
+        placement decides is recorded only after the job's row (ADR 0026).
+        """
+        if write is None:
+            self._spawn(self._place_when_reachable(job.id, fresh=job), f"place-{job.id}")
+        else:
+            self._spawn(self._place_while_stored(job, write), f"place-{job.id}")
+
+    async def _place_while_stored(self, job: JobRecord, write: NewJobWrite) -> None:
+        self._new_jobs[job.id] = write
+        try:
+            await self._place_when_reachable(job.id, fresh=job)
+        except JobNotStored:
+            pass  # nothing recorded, the asks released: there is no job to place
+        finally:
+            self._new_jobs.pop(job.id, None)
 
     def request_placement(self, job_id: str) -> None:
         self._spawn(self._place_when_reachable(job_id), f"place-{job_id}")
@@ -651,8 +711,10 @@ class Orchestrator:
                 release=[a.execution_id for a in answers],
             )
             self._after_commit(job, effects)
-            if not isinstance(exc, Conflict):
-                raise  # the database is away: placement is tried again (B12)
+            if isinstance(exc, JobNotStored) or not isinstance(exc, Conflict):
+                # The database is away: placement is tried again (B12). Or the job was never
+                # stored: its eager placement ends quietly.
+                raise
             log.warning("placement_conflict", job_id=job.id)
             return
         if accepted:

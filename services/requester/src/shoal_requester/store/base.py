@@ -42,12 +42,21 @@ class RequesterStore(Protocol):
     # --- writes ---
 
     async def create_job(
-        self, job: JobRecord, *, comment: str = "Job created"
+        self,
+        job: JobRecord,
+        *,
+        comment: str = "Job created",
+        on_ordered: Callable[[], None] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert a job in state New with its first history row.
 
         If another job already has the same ``submit_key`` (a replayed signed submit), nothing
         is written and that job is returned with ``False``.
+
+        ``on_ordered``, where the store can tell, is called as soon as any write started after
+        the call will commit after this one (SQLite's single writer: once the insert is
+        queued), so a placement may record its decision without waiting for this commit (ADR
+        0026). A store that cannot tell never calls it.
         """
         ...
 

@@ -58,7 +58,11 @@ class MemoryRequesterStore:
     # --- writes ----------------------------------------------------------------------------
 
     async def create_job(
-        self, job: JobRecord, *, comment: str = "Job created"
+        self,
+        job: JobRecord,
+        *,
+        comment: str = "Job created",
+        on_ordered: Callable[[], None] | None = None,  # never called: writes interleave here
     ) -> tuple[JobRecord, bool]:
         async with self._lock:
             if job.submit_key is not None and job.submit_key in self._by_submit_key:

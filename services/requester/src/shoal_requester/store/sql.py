@@ -910,7 +910,7 @@ class SqlRequesterStore:
         with self._sync.connect() as conn:
             return query(conn)
 
-    async def _write(self, op: _Op) -> Any:
+    async def _write(self, op: _Op, *, on_ordered: Callable[[], None] | None = None) -> Any:
         if not self._sqlite:
             async with self.engine.begin() as conn:
                 written = await conn.run_sync(op)
@@ -921,6 +921,8 @@ class SqlRequesterStore:
         fut: asyncio.Future[_Written] = asyncio.get_running_loop().create_future()
         self._queue.append((op, fut))
         self._wake.set()
+        if on_ordered is not None:
+            on_ordered()  # one writer takes the queue in order: later writes commit after this
         return (await fut).result
 
     async def _write_loop(self) -> None:
@@ -1049,7 +1051,11 @@ class SqlRequesterStore:
     # --- writes ----------------------------------------------------------------------------
 
     async def create_job(
-        self, job: JobRecord, *, comment: str = "Job created"
+        self,
+        job: JobRecord,
+        *,
+        comment: str = "Job created",
+        on_ordered: Callable[[], None] | None = None,
     ) -> tuple[JobRecord, bool]:
         first = HistoryRecord(
             job_id=job.id,
@@ -1061,7 +1067,7 @@ class SqlRequesterStore:
         )
         try:
             result: tuple[JobRecord, bool] = await self._write(
-                lambda conn: _create_job(conn, job, first)
+                lambda conn: _create_job(conn, job, first), on_ordered=on_ordered
             )
         except IntegrityError:
             # Another request with the same signed payload won the race: answer with its job.
