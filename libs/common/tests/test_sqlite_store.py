@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from shoal_common import sqlite_store
 from shoal_common.sqlite_store import GroupCommitEngine
+from shoal_common.testing import wait_for
 
 metadata = MetaData()
 items = Table("items", metadata, Column("id", Integer, primary_key=True), Column("name", String))
@@ -143,3 +144,80 @@ async def test_savepoints_inside_a_transaction(engine: GroupCommitEngine, tmp_pa
                 await conn.execute(insert(items).values(id=1, name="clash"))
         await conn.execute(insert(items).values(id=2, name="also kept"))
     assert committed_ids(tmp_path / "store.db") == [1, 2]
+
+
+# --- deferred work (ADR 0026) ------------------------------------------------------------------
+
+
+@dataclass
+class Outcomes:
+    told: list[BaseException | None]
+
+    def done(self, error: BaseException | None) -> None:
+        self.told.append(error)
+
+
+def deferred_insert(item_id: int) -> sqlite_store.DeferredWork:
+    async def work(conn: sqlite_store.LoopConnection) -> None:
+        await conn.execute(insert(items).values(id=item_id, name=f"deferred {item_id}"))
+
+    return work
+
+
+async def test_deferred_work_rides_in_the_next_transaction_without_a_commit_of_its_own(
+    engine: GroupCommitEngine, tmp_path: Path, counter: CommitCounter
+) -> None:
+    outcomes = Outcomes([])
+    engine.defer(deferred_insert(1), outcomes.done)
+    engine.defer(deferred_insert(2), outcomes.done)
+    assert committed_ids(tmp_path / "store.db") == []  # nothing begun for it yet
+    await add(engine, 3)
+    assert committed_ids(tmp_path / "store.db") == [1, 2, 3]
+    assert counter.commits == 1
+    assert outcomes.told == [None, None]
+
+
+async def test_deferred_work_alone_gets_a_transaction_of_its_own_soon(
+    engine: GroupCommitEngine, tmp_path: Path
+) -> None:
+    outcomes = Outcomes([])
+    engine.defer(deferred_insert(1), outcomes.done)
+
+    async def told() -> bool:
+        return bool(outcomes.told)
+
+    await wait_for(told, timeout=sqlite_store.DEFER_MAX_S + 2)
+    assert outcomes.told == [None]
+    assert committed_ids(tmp_path / "store.db") == [1]
+
+
+async def test_failed_deferred_work_is_reported_and_spares_the_transaction_it_rode_in(
+    engine: GroupCommitEngine, tmp_path: Path
+) -> None:
+    await add(engine, 7)
+    outcomes = Outcomes([])
+    engine.defer(deferred_insert(7), outcomes.done)  # a duplicate key
+    await add(engine, 8)
+    assert committed_ids(tmp_path / "store.db") == [7, 8]
+    [error] = outcomes.told
+    assert isinstance(error, IntegrityError)
+
+
+async def test_deferred_work_lost_with_its_group_or_at_close_is_reported(
+    engine: GroupCommitEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_disk(conn: object) -> None:
+        raise OSError("disk full")
+
+    outcomes = Outcomes([])
+    monkeypatch.setattr(sqlite_store, "_commit", broken_disk)
+    engine.defer(deferred_insert(1), outcomes.done)
+    with pytest.raises(OSError, match="disk full"):
+        await add(engine, 2)
+    monkeypatch.undo()
+    [error] = outcomes.told
+    assert isinstance(error, OSError)
+    engine.defer(deferred_insert(3), outcomes.done)
+    await engine.dispose()
+    assert isinstance(outcomes.told[1], RuntimeError)  # closed before it ran
+    assert committed_ids(tmp_path / "store.db") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,53 @@ async def test_fast_relay_publishes_at_commit_and_retries_failures(tmp_path: Pat
         await asyncio.sleep(0.1)
         assert published == [published[0]]  # once, not again
         assert await relayed(store) == []  # and its row is gone
+    finally:
+        await relay.stop()
+        await store.close()
+
+
+async def test_a_published_event_is_not_relayed_again_while_its_delete_waits(
+    tmp_path: Path,
+) -> None:
+    """ADR 0026: the fast path's delete rides in the store's next group, up to DEFER_MAX_S
+    later; meanwhile the poll loop (here without grace) must not publish the row again."""
+    from shoal_common.sqlite_store import DEFER_MAX_S
+
+    store = SqlExecutionStore(f"sqlite+aiosqlite:///{tmp_path / 'd.sqlite'}")
+    await store.start()
+    published: list[str] = []
+
+    async def publish(envelope: Envelope) -> None:
+        published.append(envelope.id)
+
+    relay = store.relay(publish, service="test")
+    relay._poll_interval = 0.02  # type: ignore[attr-defined]
+    relay._idle_poll_interval = 0.02  # type: ignore[attr-defined]
+    relay._grace = 0.0  # type: ignore[attr-defined]
+    relay.start()
+    try:
+        rec = record()
+        await store.create(rec)
+        cancelled = ExecutionCancelled(job_id=rec.job_id, execution_id=rec.id, node_id="n")
+        await store.transition(
+            rec.id, expected=[LocalState.ACCEPTED], new=LocalState.CANCELLED, events=[cancelled]
+        )
+
+        def rows() -> int:  # read only: relayed() would publish and delete them itself
+            with sqlite3.connect(tmp_path / "d.sqlite") as conn:
+                return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+        async def gone() -> bool:
+            return rows() == 0
+
+        async def sent() -> bool:
+            return bool(published)
+
+        await wait_for(sent)
+        assert rows() == 1  # published; its delete waits for a group to ride in
+        await wait_for(gone, timeout=DEFER_MAX_S + 5)
+        await asyncio.sleep(0.1)
+        assert len(published) == 1  # once: the poll loop left the row to the fast path
     finally:
         await relay.stop()
         await store.close()

@@ -3,7 +3,10 @@
 :class:`shoal_common.db.OutboxRelay` reads committed events back from the outbox before
 publishing them: a database round trip on every event's critical path. Here the store hands
 the envelopes it has just committed to the relay, which publishes them from memory at once and
-then deletes their rows in one statement. The rows stay the source of truth: anything not
+then deletes their rows in one statement. On the group-commit SQLite engine that delete has no
+commit of its own: it rides in the store's next group (``GroupCommitEngine.defer``, ADR 0026),
+and its events count as in flight until then, so the poll loop does not publish them again.
+The rows stay the source of truth: anything not
 published (NATS down, a crash between commit and publish) is found by the poll loop, which
 relays rows older than a short grace period exactly as OutboxRelay does. The poll loop runs at
 once on start, every ``poll_interval`` while it finds rows or the fast path has failed, and only
@@ -25,6 +28,7 @@ from sqlalchemy import Table, bindparam, delete, select
 from shoal_common import telemetry
 from shoal_common.db import IDLE_POLL_INTERVAL_S
 from shoal_common.events import Envelope
+from shoal_common.sqlite_store import DeferredDone, DeferredWork, GroupCommitEngine, LoopConnection
 
 if TYPE_CHECKING:
     from shoal_common.db import StoreEngine
@@ -108,11 +112,11 @@ class DirectOutboxRelay:
         self._tasks = []
         # Whatever the fast path still held is published now (or left to the next start).
         with contextlib.suppress(Exception):
-            await self._publish_pending()
+            await self._publish_pending(defer_delete=False)
 
     async def relay_once(self) -> int:
         """Publish up to one batch of committed rows (fast path first, then leftovers)."""
-        done = await self._publish_pending()
+        done = await self._publish_pending(defer_delete=False)
         relayed, _ = await self._relay_leftovers(max_age=0.0)
         return done + relayed
 
@@ -157,10 +161,11 @@ class DirectOutboxRelay:
 
     # --- work ---
 
-    async def _publish_pending(self) -> int:
+    async def _publish_pending(self, *, defer_delete: bool = True) -> int:
         batch, self._pending = self._pending, []
         if not batch:
             return 0
+        deleting: set[str] = set()  # stay in flight until their rows' delete is durable
         try:
             results = await asyncio.gather(
                 *(self._publish(envelope) for envelope, _ in batch), return_exceptions=True
@@ -180,7 +185,11 @@ class DirectOutboxRelay:
             now = time.time()
             for _, committed in batch:
                 self._lag.observe(max(0.0, now - committed))
-            if published:
+            if published and defer_delete and isinstance(self._engine, GroupCommitEngine):
+                # No commit of its own: the delete rides in the next group (ADR 0026).
+                deleting.update(published)
+                self._engine.defer(self._deleter(published), self._deleted(published))
+            elif published:
                 try:
                     async with self._engine.begin() as conn:
                         await conn.execute(self._delete_published, [{"b_id": i} for i in published])
@@ -190,7 +199,25 @@ class DirectOutboxRelay:
             return len(published)
         finally:
             for envelope, _ in batch:
-                self._inflight.discard(envelope.id)
+                if envelope.id not in deleting:
+                    self._inflight.discard(envelope.id)
+
+    def _deleter(self, event_ids: list[str]) -> DeferredWork:
+        params = [{"b_id": i} for i in event_ids]
+
+        async def delete_rows(conn: LoopConnection) -> None:
+            await conn.execute(self._delete_published, params)
+
+        return delete_rows
+
+    def _deleted(self, event_ids: list[str]) -> DeferredDone:
+        def done(error: BaseException | None) -> None:
+            for event_id in event_ids:
+                self._inflight.discard(event_id)
+            if error is not None:
+                self._leftovers.set()  # published, rows kept: relayed again (same ids)
+
+        return done
 
     async def _relay_leftovers(self, *, max_age: float) -> tuple[int, int]:
         """Rows older than ``max_age`` seconds the fast path does not hold: publish, delete.

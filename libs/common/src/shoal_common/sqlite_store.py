@@ -18,6 +18,11 @@ How a transaction runs:
 * A transaction cannot see another's uncommitted work except inside the same group, which
   commits or fails as one.
 
+``defer(work, done)`` is for writes nobody waits for and that are safe to lose (deleting
+outbox rows already published): ``work`` runs in the next transaction anyone begins, in a
+savepoint of its own, so it costs no commit of its own; when none begins within
+``DEFER_MAX_S`` a transaction is begun for it. ``done`` learns whether it became durable.
+
 ``connect()`` reads committed data on pooled connections (WAL: readers never wait for the
 writer). The engine exposes the small part of SQLAlchemy's AsyncEngine/AsyncConnection API the
 stores use (``begin``, ``connect``, ``execute``, ``begin_nested``, ``run_sync``, ``dispose``),
@@ -35,12 +40,13 @@ import contextvars
 import operator
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
 
 import sqlalchemy
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
 from sqlalchemy.exc import DBAPIError
@@ -49,6 +55,7 @@ from sqlalchemy.pool import StaticPool
 from shoal_common import tracing
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 # The engine whose writer lock the current task holds: a nested begin() would wait for itself.
 _HOLDING: contextvars.ContextVar[GroupCommitEngine | None] = contextvars.ContextVar(
@@ -193,6 +200,13 @@ def _run_dml(conn: Connection, dml: _Dml, parameters: Any) -> DmlResult:
         cursor.close()
 
 
+# The longest deferred work waits for a transaction to join before one is begun for it (s).
+DEFER_MAX_S = 0.25
+# ``done`` of deferred work: None once the group holding it is durable, else why it was lost.
+DeferredDone = Callable[[BaseException | None], None]
+DeferredWork = Callable[["LoopConnection"], Awaitable[Any]]
+
+
 class GroupCommitEngine:
     """See the module docstring. ``url`` is a ``sqlite[+driver]:///path`` URL."""
 
@@ -232,6 +246,9 @@ class GroupCommitEngine:
         self._committer: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
         self._closed = False
+        self._deferred: list[tuple[DeferredWork, DeferredDone]] = []
+        self._deferred_timer: asyncio.TimerHandle | None = None
+        self._deferred_flush: asyncio.Task[None] | None = None
 
     # --- the AsyncEngine subset ---------------------------------------------------------------
 
@@ -251,6 +268,8 @@ class GroupCommitEngine:
             if not self._in_group:
                 dbapi.execute("BEGIN IMMEDIATE")
                 self._in_group = True
+            if self._deferred:
+                await self._run_deferred(conn)
             dbapi.execute(_SAVEPOINT)
             token = _HOLDING.set(self)
             try:
@@ -283,11 +302,73 @@ class GroupCommitEngine:
             finally:
                 conn.rollback()
 
+    def defer(self, work: DeferredWork, done: DeferredDone) -> None:
+        """Run ``work`` in the next transaction begun, without a commit of its own (see the
+        module docstring); ``done`` is called once it is durable or lost."""
+        if self._closed:
+            done(RuntimeError("store closed"))
+            return
+        self._deferred.append((work, done))
+        if self._deferred_timer is None:
+            loop = asyncio.get_running_loop()
+            self._deferred_timer = loop.call_later(DEFER_MAX_S, self._flush_deferred_soon)
+
+    def _flush_deferred_soon(self) -> None:
+        self._deferred_timer = None
+        if self._deferred and not self._closed:
+            self._deferred_flush = asyncio.create_task(self._flush_deferred(), name="sqlite-defer")
+
+    async def _flush_deferred(self) -> None:
+        try:
+            async with self.begin():
+                pass  # begin() runs the deferred work first
+        except Exception as exc:  # each work's ``done`` has been told
+            log.warning("deferred_write_failed", error=repr(exc))
+
+    async def _run_deferred(self, conn: Connection) -> None:
+        """In an open group: the deferred work in one savepoint, durable with the group."""
+        batch, self._deferred = self._deferred, []
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        dbapi.execute(_SAVEPOINT)
+        try:
+            for work, _ in batch:
+                await work(LoopConnection(conn))
+        except Exception as exc:
+            dbapi.execute(_ROLLBACK_TO)
+            dbapi.execute(_RELEASE)
+            for _, done in batch:
+                done(exc)
+            return
+        dbapi.execute(_RELEASE)
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def tell(fut: asyncio.Future[None]) -> None:
+            exc = fut.exception() if not fut.cancelled() else RuntimeError("commit cancelled")
+            for _, done in batch:
+                done(exc)
+
+        durable.add_done_callback(tell)
+        self._waiting.append(durable)
+        self._start_committer()
+
     async def dispose(self) -> None:
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+        if self._deferred_flush is not None:
+            with contextlib.suppress(BaseException):
+                await self._deferred_flush
         if self._committer is not None:
             with contextlib.suppress(BaseException):
                 await self._committer
         self._closed = True
+        lost, self._deferred = self._deferred, []
+        for _, done in lost:
+            done(RuntimeError("store closed"))
         async with self._lock:
             if self._writer is not None:
                 writer, self._writer = self._writer, None
