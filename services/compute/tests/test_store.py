@@ -208,6 +208,16 @@ async def test_clean_stop_reports_running_work_failed(tmp_path: Path) -> None:
     await bus.close()
 
 
+async def cancel_with_event(store: SqlExecutionStore) -> None:
+    """An execution written, then cancelled with its event staged in the outbox."""
+    rec = record()
+    await store.create(rec)
+    cancelled = ExecutionCancelled(job_id=rec.job_id, execution_id=rec.id, node_id="n")
+    await store.transition(
+        rec.id, expected=[LocalState.ACCEPTED], new=LocalState.CANCELLED, events=[cancelled]
+    )
+
+
 async def test_fast_relay_publishes_at_commit_and_retries_failures(tmp_path: Path) -> None:
     store = SqlExecutionStore(f"sqlite+aiosqlite:///{tmp_path / 'r.sqlite'}")
     await store.start()
@@ -224,12 +234,7 @@ async def test_fast_relay_publishes_at_commit_and_retries_failures(tmp_path: Pat
     relay._grace = 0.0  # type: ignore[attr-defined]
     relay.start()
     try:
-        rec = record()
-        await store.create(rec)
-        cancelled = ExecutionCancelled(job_id=rec.job_id, execution_id=rec.id, node_id="n")
-        await store.transition(
-            rec.id, expected=[LocalState.ACCEPTED], new=LocalState.CANCELLED, events=[cancelled]
-        )
+        await cancel_with_event(store)
         await asyncio.sleep(0.1)
         assert published == []  # failed, but kept
         failing = False
@@ -266,12 +271,7 @@ async def test_a_published_event_is_not_relayed_again_while_its_delete_waits(
     relay._grace = 0.0  # type: ignore[attr-defined]
     relay.start()
     try:
-        rec = record()
-        await store.create(rec)
-        cancelled = ExecutionCancelled(job_id=rec.job_id, execution_id=rec.id, node_id="n")
-        await store.transition(
-            rec.id, expected=[LocalState.ACCEPTED], new=LocalState.CANCELLED, events=[cancelled]
-        )
+        await cancel_with_event(store)
 
         def rows() -> int:  # read only: relayed() would publish and delete them itself
             with sqlite3.connect(tmp_path / "d.sqlite") as conn:
