@@ -362,6 +362,10 @@ class GroupCommitEngine:
         if self._deferred_flush is not None:
             with contextlib.suppress(BaseException):
                 await self._deferred_flush
+        if self._deferred and not self._closed:
+            # Committed now rather than lost: deletes of relayed rows that were lost would have
+            # those events published again after every restart.
+            await self._flush_deferred()
         if self._committer is not None:
             with contextlib.suppress(BaseException):
                 await self._committer
