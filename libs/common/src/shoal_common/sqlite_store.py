@@ -284,9 +284,7 @@ class GroupCommitEngine:
                 raise
             else:
                 dbapi.execute(_RELEASE)
-                durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._waiting.append(durable)
-                self._start_committer()
+                durable = self._join_commit()
             finally:
                 _HOLDING.reset(token)
         await durable
@@ -344,7 +342,7 @@ class GroupCommitEngine:
                 done(exc)
             return
         dbapi.execute(_RELEASE)
-        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        durable = self._join_commit()
 
         def tell(fut: asyncio.Future[None]) -> None:
             exc = fut.exception() if not fut.cancelled() else RuntimeError("commit cancelled")
@@ -352,8 +350,6 @@ class GroupCommitEngine:
                 done(exc)
 
         durable.add_done_callback(tell)
-        self._waiting.append(durable)
-        self._start_committer()
 
     async def dispose(self) -> None:
         if self._deferred_timer is not None:
@@ -386,6 +382,13 @@ class GroupCommitEngine:
         if self._writer is None:
             self._writer = self.sync_engine.connect()
         return self._writer
+
+    def _join_commit(self) -> asyncio.Future[None]:
+        """A future resolved once the open group is durable (or failed)."""
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(durable)
+        self._start_committer()
+        return durable
 
     def _start_committer(self) -> None:
         if self._committer is None or self._committer.done():

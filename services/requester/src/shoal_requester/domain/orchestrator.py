@@ -360,16 +360,13 @@ class Orchestrator:
 
     # --- placement -----------------------------------------------------------------------------
 
-    def schedule(self, job: JobRecord, write: NewJobWrite | None = None) -> None:
+    def schedule(self, job: JobRecord, write: NewJobWrite) -> None:
         """Place a just-submitted job in the background (no executions exist yet).
 
-        With ``write`` the job is still being written: its nodes are asked meanwhile, and what
+        The job is still being written (``write``): its nodes are asked meanwhile, and what
         placement decides is recorded only after the job's row (ADR 0026).
         """
-        if write is None:
-            self._spawn(self._place_when_reachable(job.id, fresh=job), f"place-{job.id}")
-        else:
-            self._spawn(self._place_while_stored(job, write), f"place-{job.id}")
+        self._spawn(self._place_while_stored(job, write), f"place-{job.id}")
 
     async def _place_while_stored(self, job: JobRecord, write: NewJobWrite) -> None:
         self._new_jobs[job.id] = write
