@@ -48,10 +48,12 @@ def test_one_job_yields_one_connected_trace(
     make_devstack: StackFactory, exporter: InMemorySpanExporter, tmp_path: Path
 ) -> None:
     stack = make_devstack(compute_nodes=1)
+    # Verified, so every service has a part: a noop-verified result never reaches the verifier
+    # (ADR 0027).
     spec = Spec(
         Engine=Engine.DOCKER,
         Docker=DockerSpec(Image="shoal-test/busybox:latest", Entrypoint=["echo", "traced"]),
-        **jobspec.common_spec(),
+        **jobspec.common_spec(verifier="Deterministic"),
     )
     with stack.client(tmp_path / "client") as client:
         job_id = client.submit(spec).metadata.id

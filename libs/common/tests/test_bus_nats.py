@@ -21,9 +21,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shoal_common import bus as bus_module
 from shoal_common.bus import NatsBus, Poison
-from shoal_common.events import Envelope, ExecutionCancelled
+from shoal_common.events import Envelope, ExecutionCancelled, ResultProposed
 from shoal_common.natsserver import NatsServer, start_nats_server
+from shoal_common.spec import PublisherSpec, PublisherType, RunOutput, VerifierType
 from shoal_common.subjects import Producer, stream_name
+from shoal_common.subjects import event as event_subject
 from shoal_common.testing import publish_until_accepted, wait_for
 
 pytestmark = pytest.mark.integration
@@ -327,6 +329,102 @@ async def test_explicit_ack_consumer_is_converted_after_its_ack_floor(
     finally:
         await consumer.close()
         await producer.close()
+
+
+def proposal(n: int, verifier: VerifierType, publisher: PublisherType) -> Envelope:
+    return Envelope.wrap(
+        ResultProposed(
+            job_id=f"job-{n}",
+            execution_id=f"e{n}",
+            node_id="n",
+            result_cid="bafy",
+            run_output=RunOutput(),
+            verifier=verifier,
+            publisher=PublisherSpec(Type=publisher),
+        )
+    )
+
+
+async def collect(bus: NatsBus, durable: str, selectors: list[str] | None) -> list[str]:
+    """Start a consumer of ``selectors``; the list fills with the job ids it handles."""
+    got: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        got.append(env.data["job_id"])
+
+    await bus.consume_events(
+        producer=Producer.COMPUTE, durable=durable, handler=handler, event_types=selectors
+    )
+    return got
+
+
+async def test_routed_proposals_reach_only_the_consumers_of_their_route(
+    nats_server: NatsServer,
+) -> None:
+    """ADR 0027: the verifier and the publisher are never sent proposals they do not act on;
+    a proposal on the bare subject (a node of an older build) still reaches every one."""
+    async with producer_and_consumer(nats_server.url) as (producer, consumer):
+        everything = await collect(consumer, "requester", [ResultProposed.type])
+        verifier = await collect(consumer, "verifier", [ResultProposed.FOR_VERIFIER])
+        publisher = await collect(consumer, "publisher", [ResultProposed.FOR_PUBLISHER])
+        noop, det = VerifierType.NOOP, VerifierType.DETERMINISTIC
+        for n, (v, p) in enumerate(
+            [(noop, PublisherType.NOOP), (noop, PublisherType.LOCAL), (det, PublisherType.NOOP)]
+        ):
+            await producer.publish_event(proposal(n, v, p))
+        bare = proposal(3, noop, PublisherType.NOOP)
+        nc = await nats.connect(nats_server.url)
+        try:
+            bare_subject = event_subject(Producer.COMPUTE, ResultProposed.type)
+            await nc.jetstream().publish(bare_subject, bare.to_bytes())
+        finally:
+            await nc.close()
+        await until(lambda: len(everything) == 4 and len(verifier) == 2 and len(publisher) == 2)
+        await asyncio.sleep(0.3)  # nothing else arrives
+        assert everything == ["job-0", "job-1", "job-2", "job-3"]
+        assert verifier == ["job-2", "job-3"]
+        assert publisher == ["job-1", "job-3"]
+
+
+async def test_a_consumer_of_an_older_build_reads_the_routes_after_an_upgrade(
+    nats_server: NatsServer,
+) -> None:
+    """Its durable, made with the bare subject as filter, is updated in place: it keeps its
+    position (nothing handled is delivered again) and is sent the routed events."""
+    bare_subject = event_subject(Producer.COMPUTE, ResultProposed.type)
+    async with producer_and_consumer(nats_server.url) as (producer, consumer):
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await producer.ensure_stream(Producer.COMPUTE)
+            await js.publish(
+                bare_subject, proposal(0, VerifierType.NOOP, PublisherType.NOOP).to_bytes()
+            )
+            await js.add_consumer(
+                STREAM,
+                ConsumerConfig(
+                    durable_name="c6",
+                    ack_policy=AckPolicy.ALL,
+                    deliver_policy=DeliverPolicy.ALL,
+                    filter_subject=bare_subject,
+                ),
+            )
+            sub = await js.pull_subscribe_bind(durable="c6", stream=STREAM)
+            (handled,) = await sub.fetch(1, timeout=5)
+            await handled.ack_sync()
+        finally:
+            await nc.close()
+
+        got = await collect(consumer, "c6", [ResultProposed.type])
+        await producer.publish_event(proposal(1, VerifierType.NOOP, PublisherType.NOOP))
+        await until(lambda: got == ["job-1"])
+        await asyncio.sleep(0.3)
+        assert got == ["job-1"]
+        state = await consumer_state(nats_server.url, "c6")
+        assert set(state.config.filter_subjects or [state.config.filter_subject]) == {
+            bare_subject,
+            f"{bare_subject}.>",
+        }
 
 
 async def test_consumption_resumes_after_a_nats_restart(tmp_path: Path) -> None:

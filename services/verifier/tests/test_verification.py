@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shoal_common.bus import MemoryBus
+from shoal_common.bus import MemoryBus, event_subjects, subject_matches
 from shoal_common.commitments import fetch_verifier_key, seal_proposal
 from shoal_common.events import (
     Envelope,
@@ -28,8 +28,10 @@ from shoal_common.spec import (
     RunOutput,
     VerifierType,
 )
+from shoal_common.subjects import Producer
 from shoal_common.testing import wait_for
 from shoal_verifier.domain.models import ProposalStatus
+from shoal_verifier.handlers.events import proposals_handler
 from shoal_verifier.service import VerifierService
 from shoal_verifier.settings import VerifierSettings
 from shoal_verifier.store.memory import MemoryVerifierStore
@@ -110,9 +112,20 @@ class Harness:
             proposal = seal_proposal(proposal, await fetch_verifier_key(self.bus))
         await self.emit(proposal)
 
+    async def propose_unrouted(self, execution_id: str, cid: str, **kw: Any) -> None:
+        """An open proposal as a node of a build before routes sent it (ADR 0027): on the
+        bare subject, which the verifier still reads, so it gets the ones routed past it too."""
+        proposal = self.proposal(execution_id, cid, **kw)
+        self.proposed[execution_id] = proposal
+        coordinator = self.service.coordinator
+        assert coordinator is not None
+        await proposals_handler(coordinator)(Envelope.wrap(proposal))
+
     async def emit(self, evt: Event) -> None:
-        self.emitted += 1
-        await self.bus.publish_event(Envelope.wrap(evt))
+        envelope = Envelope.wrap(evt)
+        if evt.producer is not Producer.COMPUTE or _to_verifier(envelope):
+            self.emitted += 1  # what settle() waits for
+        await self.bus.publish_event(envelope)
 
     def events(self, kind: type[Event]) -> list[Any]:
         return [e.parse() for e in self.bus.published if e.type == kind.type]
@@ -148,6 +161,12 @@ class Harness:
             return store.processed_count() >= self.emitted and await store.outbox_size() == 0
 
         await wait_for(probe, timeout=5)
+
+
+def _to_verifier(envelope: Envelope) -> bool:
+    """Whether the verifier is sent this compute event at all (its subject's route)."""
+    wanted = event_subjects(Producer.COMPUTE, [ResultProposed.FOR_VERIFIER])
+    return any(subject_matches(p, envelope.subject) for p in wanted)
 
 
 async def _harness(tmp_path: Path, **settings: Any) -> AsyncIterator[Harness]:
@@ -189,29 +208,41 @@ def _rejected(decisions: dict[str, tuple[str, str]]) -> set[str]:
 
 
 async def test_noop_accepts_each_proposal_at_once(h: Harness) -> None:
+    # Planned noop jobs come only from a requester before ADR 0017, and their proposals reach
+    # the verifier only on the bare subject (ADR 0027).
     await h.plan(2, verifier=VerifierType.NOOP)
     await h.planned()
-    await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
+    await h.propose_unrouted("e1", GOOD, verifier=VerifierType.NOOP)
     (accepted,) = await h.wait_event(ResultAccepted)
     assert accepted.execution_id == "e1"
     assert accepted.result_cid == GOOD
     assert accepted.publisher.type is PublisherType.LOCAL
     assert accepted.result_url == "http://e1.example/results/e1"
-    await h.propose("e2", BAD, seal=False, verifier=VerifierType.NOOP)
+    await h.propose_unrouted("e2", BAD, verifier=VerifierType.NOOP)
     decisions = await h.wait_decided(2)
     assert _accepted(decisions) == {"e1", "e2"}
 
 
 async def test_noop_proposals_are_left_to_the_requester(h: Harness) -> None:
     """ADR 0017: the requester accepts noop-verified results itself and the publisher takes
-    them from the node; a decision here would only race them. Only a job the requester planned
-    (which it does for stricter verifiers only; this test plans a noop one) is decided here."""
+    them from the node; a decision here would only race them. ADR 0027: so an open proposal
+    claiming noop is routed past the verifier, even for a job it holds a plan of. One on the
+    bare subject (an older node) is decided here only if the requester planned the job (which
+    it does for stricter verifiers only; this test plans a noop one)."""
     await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
+    await h.propose_unrouted("e2", GOOD, verifier=VerifierType.NOOP)
     h.job_id = "job-2"
     await h.plan(1, verifier=VerifierType.NOOP)
     await h.planned()
-    await h.propose("e2", GOOD, seal=False, verifier=VerifierType.NOOP)
-    assert set(await h.wait_decided(1)) == {"e2"}
+    await h.propose("e3", GOOD, seal=False, verifier=VerifierType.NOOP)
+    h.job_id = "job-3"
+    await h.propose("e4", GOOD, concurrency=2)  # sent after e3, to the verifier
+    await h.settle()  # e4 is handled, so e3 would have been
+    assert h.decisions() == {}
+    assert await h.service.store.list_proposals("job-2") == []
+    h.job_id = "job-2"
+    await h.propose_unrouted("e5", GOOD, verifier=VerifierType.NOOP)
+    assert set(await h.wait_decided(1)) == {"e5"}
     assert await h.service.store.list_proposals("job-1") == []
     assert await h.service.store.find_job("job-1") is None
 
@@ -527,9 +558,13 @@ async def test_key_is_served_and_stable(h: Harness) -> None:
 
 
 async def test_undecodable_event_is_dropped(h: Harness) -> None:
-    bogus = Envelope(type=ResultProposed.type, producer="compute", data={"job_id": "j"})
+    bogus = Envelope(
+        type=ResultProposed.type,
+        producer="compute",
+        data={"job_id": "j", "verifier": VerifierType.DETERMINISTIC.value},
+    )
+    assert _to_verifier(bogus)
     await h.bus.publish_event(bogus)
-    await h.plan(1, verifier=VerifierType.NOOP)
-    await h.planned()
-    await h.propose("e1", GOOD, seal=False, verifier=VerifierType.NOOP)
+    await h.plan(1)
+    await h.propose("e1", GOOD, concurrency=1)
     assert _accepted(await h.wait_decided(1)) == {"e1"}

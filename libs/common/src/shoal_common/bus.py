@@ -31,8 +31,8 @@ from pydantic import ValidationError
 
 from shoal_common import telemetry, tracing
 from shoal_common.errors import Unavailable
-from shoal_common.events import Envelope
-from shoal_common.subjects import Producer, stream_name, stream_subjects
+from shoal_common.events import EVENT_TYPES, Envelope
+from shoal_common.subjects import Producer, event_filter, stream_name, stream_subjects
 
 log = structlog.get_logger(__name__)
 
@@ -211,7 +211,7 @@ class NatsBus:
             # over, including what the old one was still retrying (ADR 0013).
             existing.handler = handler
             return
-        subjects = [f"shoal.evt.{producer.value}.{t}" for t in event_types] if event_types else None
+        subjects = event_subjects(producer, event_types) if event_types else None
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.ALL,
@@ -365,7 +365,12 @@ class EventConsumer:
         except NotFoundError:
             return await self._js.add_consumer(self._stream, self._config)
         if info.config.ack_policy == AckPolicy.ALL and not info.config.deliver_subject:
-            return info
+            if _filters(info.config) == _filters(self._config):
+                return info
+            # Another build read other subjects (events gained routes, ADR 0027): the filter
+            # is updated in place, keeping the consumer's position and its unacked messages.
+            log.info("consumer_filter_updated", consumer=self._durable, stream=self._stream)
+            return await self._js.add_consumer(self._stream, self._config)
         # An older explicit-ack consumer: an ack policy cannot be updated, so it is replaced by
         # one starting right after its ack floor (anything above it is delivered again; the
         # handlers are idempotent on the envelope id).
@@ -593,7 +598,7 @@ def _json_str(text: str) -> bytes:
 @dataclass
 class _Consumer:
     handler: EventHandler
-    event_types: set[str] | None
+    subjects: list[str] | None  # None: every event of the producer
     queue: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
 
 
@@ -616,10 +621,9 @@ class MemoryBus:
         producer = Producer(envelope.producer)
         self._log[producer].append(envelope)
         self.published.append(envelope)
+        subject = envelope.subject
         for (p, _), consumer in self._consumers.items():
-            if p == producer and (
-                consumer.event_types is None or envelope.type in consumer.event_types
-            ):
+            if p == producer and _reads(consumer.subjects, subject):
                 consumer.queue.put_nowait(envelope)
 
     async def consume_events(
@@ -630,11 +634,11 @@ class MemoryBus:
         handler: EventHandler,
         event_types: Sequence[str] | None = None,
     ) -> None:
-        types = set(event_types) if event_types else None
-        consumer = _Consumer(handler, types)
+        subjects = event_subjects(producer, event_types) if event_types else None
+        consumer = _Consumer(handler, subjects)
         self._consumers[(producer, durable)] = consumer
         for env in self._log[producer]:  # a new durable consumer starts from the beginning
-            if types is None or env.type in types:
+            if _reads(subjects, env.subject):
                 consumer.queue.put_nowait(env)
         task = asyncio.create_task(self._pump(consumer))
         self._tasks.add(task)
@@ -685,6 +689,30 @@ class MemoryBus:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def event_subjects(producer: Producer, selectors: Sequence[str]) -> list[str]:
+    """A consumer's filter subjects: event types, or ``<type>.<route>`` (subjects.event_filter)."""
+    subjects: list[str] = []
+    for selector in selectors:
+        kind = EVENT_TYPES.get(selector.partition(".")[0])
+        routed = kind is not None and kind.routed
+        subjects.extend(
+            s for s in event_filter(producer, selector, routed=routed) if s not in subjects
+        )
+    return subjects
+
+
+def _filters(config: ConsumerConfig) -> frozenset[str]:
+    """A consumer's filter subjects, however they were given (one, several or none)."""
+    found = set(config.filter_subjects or ())
+    if config.filter_subject:
+        found.add(config.filter_subject)
+    return frozenset(found)
+
+
+def _reads(subjects: list[str] | None, subject: str) -> bool:
+    return subjects is None or any(subject_matches(p, subject) for p in subjects)
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

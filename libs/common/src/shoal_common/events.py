@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -117,12 +118,19 @@ class Event(BaseModel):
     type: ClassVar[str]
     producer: ClassVar[Producer]
     version: ClassVar[int] = 1
+    # Whether its subject carries a route (``route``): consumers then read the routes they need.
+    routed: ClassVar[bool] = False
 
     job_id: str
 
     @classmethod
     def subject(cls) -> str:
         return event(cls.producer, cls.type)
+
+    @classmethod
+    def route(cls, data: Mapping[str, Any]) -> str | None:
+        """Subject tokens after the type that say who must read the event (its JSON form)."""
+        return None
 
 
 class Envelope(BaseModel):
@@ -150,7 +158,9 @@ class Envelope(BaseModel):
 
     @property
     def subject(self) -> str:
-        return event(Producer(self.producer), self.type)
+        kind = EVENT_TYPES.get(self.type)
+        route = kind.route(self.data) if kind is not None and kind.routed else None
+        return event(Producer(self.producer), self.type, route)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
@@ -172,6 +182,10 @@ class ResultProposed(Event):
 
     type: ClassVar[str] = "result_proposed"
     producer: ClassVar[Producer] = Producer.COMPUTE
+    routed: ClassVar[bool] = True
+    # What the verifier and the publisher read (subjects.event_filter); the requester reads all.
+    FOR_VERIFIER: ClassVar[str] = "result_proposed.verify.*"
+    FOR_PUBLISHER: ClassVar[str] = "result_proposed.noop.publish"
 
     execution_id: str
     node_id: str
@@ -186,6 +200,23 @@ class ResultProposed(Event):
     # result_cid, run_output, result_url and size are then blank until the verifier decides.
     commitment: str | None = None
     size: int = 0
+
+    @classmethod
+    def route(cls, data: Mapping[str, Any]) -> str:
+        """``<verify|noop>.<publish|noop>``, from what the proposal claims (ADR 0027).
+
+        ``noop.*`` only for an open proposal claiming noop verification: the verifier ignores
+        those unless the requester planned the job, and then a node claiming noop for it has
+        lied, which the requester does not believe either (ADR 0017); ``*.publish`` for a real
+        publisher. So a noop/noop proposal (``noop.noop``) reaches only the requester. Anything
+        unexpected routes to the verifier, which decides as before.
+        """
+        claimed = data.get("verifier", VerifierType.NOOP.value)
+        open_noop = claimed == VerifierType.NOOP.value and not data.get("commitment")
+        publisher = data.get("publisher")
+        kind = publisher.get("type") if isinstance(publisher, Mapping) else None
+        noop_publisher = kind == PublisherType.NOOP.value
+        return f"{'noop' if open_noop else 'verify'}.{'noop' if noop_publisher else 'publish'}"
 
 
 class ExecutionFailed(Event):

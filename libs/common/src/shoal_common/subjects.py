@@ -3,7 +3,10 @@
 Layout:
   shoal.node.heartbeat.<node>         core NATS, compute -> requester, node info + capacity
   shoal.compute.<node>.<op>           core request/reply, requester -> one compute node
-  shoal.evt.<producer>.<event>        JetStream, durable lifecycle events (one stream per producer)
+  shoal.evt.<producer>.<event>[.<route>...]
+                                      JetStream, durable lifecycle events (one stream per producer);
+                                      a routed event (``ResultProposed``) adds tokens that say
+                                      which services must read it, so the others are never sent it
   shoal.verifier.key                  core request/reply, compute -> verifier, sealing key
 """
 
@@ -74,8 +77,24 @@ def log_stream(execution_id: str) -> str:
     return f"shoal.logs.{check_token(execution_id)}"
 
 
-def event(producer: Producer, event_type: str) -> str:
-    return f"shoal.evt.{producer.value}.{check_token(event_type)}"
+def event(producer: Producer, event_type: str, route: str | None = None) -> str:
+    subject = f"shoal.evt.{producer.value}.{check_token(event_type)}"
+    return f"{subject}.{route}" if route else subject
+
+
+def event_filter(producer: Producer, selector: str, *, routed: bool) -> list[str]:
+    """The subjects a consumer of ``selector`` reads: an event type, or ``<type>.<route>``.
+
+    A bare type reads the event on every route (``routed``: the type has routes). A route
+    pattern (NATS wildcards allowed) reads that route, and also the bare subject: events
+    written before the type had routes carry no route, and each consumer still decides those
+    for itself.
+    """
+    event_type, _, route = selector.partition(".")
+    bare = event(producer, event_type)
+    if route:
+        return [bare, f"{bare}.{route}"]
+    return [bare, f"{bare}.>"] if routed else [bare]
 
 
 def stream_name(producer: Producer) -> str:

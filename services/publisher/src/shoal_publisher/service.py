@@ -162,7 +162,7 @@ class PublisherService:
             handler=tracing.traced_handler(
                 "publisher", self._guard(proposed_handler(self.publishing))
             ),
-            event_types=[ResultProposed.type],
+            event_types=[ResultProposed.FOR_PUBLISHER],
         )
         log.info("publisher_started", content=str(s.content_root), url=s.base_url)
 

@@ -115,7 +115,7 @@ class VerifierService:
             handler=tracing.traced_handler(
                 "verifier", self._guard(proposals_handler(self.coordinator))
             ),
-            event_types=[ResultProposed.type],
+            event_types=[ResultProposed.FOR_VERIFIER],
         )
         await self.bus.consume_events(
             producer=Producer.REQUESTER,

@@ -55,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shoal_common.db import OutboxRelay, create_engine, is_sqlite, normalise_url, run_migrations
 from shoal_common.errors import Conflict, NotFound
-from shoal_common.events import Envelope, Event
+from shoal_common.events import Envelope
 from shoal_common.spec import ExecutionStateType, JobHistoryType, JobStateType
 from shoal_requester.domain.model import (
     Changes,
@@ -602,20 +602,17 @@ def _mark_processed(conn: Connection, event_id: str) -> bool:
     return count == 1
 
 
-def _stage_events(conn: Connection, events: Sequence[Event]) -> None:
+def _stage_events(conn: Connection, envelopes: Sequence[Envelope]) -> None:
     """The outbox rows shoal_common.db.OutboxRelay publishes after commit."""
     now = time.time()
     _run(
         conn,
         _INSERT_OUTBOX,
-        [
-            {"event_id": env.id, "envelope": env.to_bytes(), "created": now}
-            for env in (Envelope.wrap(e) for e in events)
-        ],
+        [{"event_id": env.id, "envelope": env.to_bytes(), "created": now} for env in envelopes],
     )
 
 
-def _apply(conn: Connection, changes: Changes) -> _Written:
+def _apply(conn: Connection, changes: Changes, envelopes: Sequence[Envelope]) -> _Written:
     group: _Group | None = conn.info.get(_GROUP)
     rows = history_for(changes)
     if changes.processed_event is not None and not _mark_processed(conn, changes.processed_event):
@@ -679,7 +676,7 @@ def _apply(conn: Connection, changes: Changes) -> _Written:
             ],
         )
     if changes.events:
-        _stage_events(conn, changes.events)
+        _stage_events(conn, envelopes)
     return _Written(rows, rows=rows, events=bool(changes.events))
 
 
@@ -1080,7 +1077,12 @@ class SqlRequesterStore:
         return result
 
     async def apply(self, changes: Changes) -> list[HistoryRecord] | None:
-        result: list[HistoryRecord] | None = await self._write(lambda conn: _apply(conn, changes))
+        # Wrapped here, not on the writer thread: each event carries the trace of the work
+        # that made it (a thread does not see the loop's context).
+        envelopes = [Envelope.wrap(e) for e in changes.events]
+        result: list[HistoryRecord] | None = await self._write(
+            lambda conn: _apply(conn, changes, envelopes)
+        )
         return result
 
     # --- reads -----------------------------------------------------------------------------
