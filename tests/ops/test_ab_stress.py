@@ -18,7 +18,7 @@ def ab(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
 
 def _run(mean: float, p99: float, rate: float) -> dict[str, float]:
-    return {"mean_ms": mean, "p99_ms": p99, "jobs_per_s": rate}
+    return {"mean_ms": mean, "p99_ms": p99, "jobs_per_s": rate, "cpu_ms_per_job": 5.0, "nats_msgs_per_job": 5.0}
 
 
 def test_each_round_compares_the_mean_of_both_sides_two_runs(ab) -> None:  # type: ignore[no-untyped-def]
@@ -33,6 +33,12 @@ def test_each_round_compares_the_mean_of_both_sides_two_runs(ab) -> None:  # typ
     assert "B better in 1 of 2" in lines["mean_ms"]
     assert "B better in 1 of 2" in lines["p99_ms"]  # a tie is not a win
     assert "-0.4%, +10.0%; median +4.8%; B better in 1 of 2" in lines["jobs_per_s"]  # higher wins
+
+
+def test_cpu_per_job_is_the_devstack_cpu_over_the_run_per_job(ab) -> None:  # type: ignore[no-untyped-def]
+    figures = ab.with_cpu_per_job({"devstack_cpu_cores": 1.5, "wall_s": 20.0, "jobs": 4000})
+    assert figures["cpu_ms_per_job"] == 7.5  # 30 CPU seconds over 4,000 jobs
+    assert figures["jobs"] == 4000
 
 
 def test_environment_settings_must_be_key_value(ab) -> None:  # type: ignore[no-untyped-def]
