@@ -124,10 +124,6 @@ class Event(BaseModel):
     job_id: str
 
     @classmethod
-    def subject(cls) -> str:
-        return event(cls.producer, cls.type)
-
-    @classmethod
     def route(cls, data: Mapping[str, Any]) -> str | None:
         """Subject tokens after the type that say who must read the event (its JSON form)."""
         return None
