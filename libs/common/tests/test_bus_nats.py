@@ -379,8 +379,11 @@ async def test_routed_proposals_reach_only_the_consumers_of_their_route(
             await nc.jetstream().publish(bare_subject, bare.to_bytes())
         finally:
             await nc.close()
-        await until(lambda: len(everything) == 4 and len(verifier) == 2 and len(publisher) == 2)
-        await asyncio.sleep(0.3)  # nothing else arrives
+        # job-3, on the bare subject, was sent last and every consumer reads it: a consumer
+        # that has it has everything it will be sent (each gets the stream in order).
+        await until(
+            lambda: all(seen[-1:] == ["job-3"] for seen in (everything, verifier, publisher))
+        )
         assert everything == ["job-0", "job-1", "job-2", "job-3"]
         assert verifier == ["job-2", "job-3"]
         assert publisher == ["job-1", "job-3"]
@@ -417,8 +420,8 @@ async def test_a_consumer_of_an_older_build_reads_the_routes_after_an_upgrade(
 
         got = await collect(consumer, "c6", [ResultProposed.type])
         await producer.publish_event(proposal(1, VerifierType.NOOP, PublisherType.NOOP))
-        await until(lambda: got == ["job-1"])
-        await asyncio.sleep(0.3)
+        # job-1 was sent last: job-0 again (a moved position) would have come before it.
+        await until(lambda: got[-1:] == ["job-1"])
         assert got == ["job-1"]
         state = await consumer_state(nats_server.url, "c6")
         assert set(state.config.filter_subjects or [state.config.filter_subject]) == {
