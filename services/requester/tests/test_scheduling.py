@@ -635,6 +635,30 @@ async def test_a_placement_waits_while_the_event_loop_is_congested() -> None:
         assert len(node.asked) == 1
 
 
+async def test_by_default_a_placement_does_not_wait_for_a_congested_loop() -> None:
+    """ADR 0028: the wait is off by default; a placement runs while the loop is busy."""
+    async with harness() as h:
+        node = await h.node("n0")
+        stop = asyncio.Event()
+
+        async def hog() -> None:  # as above: with the wait on, no placement for up to 1 s
+            while not stop.is_set():
+                _hold_the_loop(0.02)
+                await asyncio.sleep(0)
+
+        hogs = [asyncio.create_task(hog()) for _ in range(2)]
+        try:
+            await h.submit()
+
+            async def asked() -> bool:
+                return bool(node.asked)
+
+            await wait_for(asked, timeout=PLACEMENT_MAX_YIELD / 2)
+        finally:
+            stop.set()
+            await asyncio.gather(*hogs)
+
+
 async def test_a_congested_loop_delays_a_placement_by_at_most_the_yield_bound() -> None:
     async with harness(placement_yield_lag=0.005) as h:
         node = await h.node("n0")
