@@ -334,3 +334,87 @@ async def test_accept_that_cannot_be_stored_records_nothing(tmp_path: Path) -> N
     finally:
         await service.stop()
         await bus.close()
+
+
+# --- asks that take their yes (ADR 0029) ---------------------------------------------------
+
+
+async def test_an_ask_that_takes_is_answered_once_the_execution_is_stored(tmp_path: Path) -> None:
+    store = GatedStore()
+    bus = MemoryBus()
+    service = ComputeService(
+        ComputeSettings(node_id="t", state_dir=tmp_path, engines=["Noop"], serve_http=False),
+        bus=bus,
+        store=store,
+    )
+    await service.start()
+    node = NodeHarness(service, bus)
+    try:
+        eid = new_id()
+        asking = asyncio.create_task(node.ask(noop_job(), eid, take=True))
+        await asyncio.sleep(0.05)
+        assert not asking.done()  # the row is not written yet: no answer
+        store.gate.set()
+        answer = await asking
+        assert (answer.accepted, answer.taken) == (True, True)
+        assert service.node.reservations == {}  # accepted, not merely reserved
+        assert isinstance(await node.outcome(eid), ResultProposed)  # no bid_accepted was sent
+    finally:
+        await service.stop()
+        await bus.close()
+
+
+async def test_a_take_repeated_or_after_a_plain_ask_is_the_same_execution(
+    make_node: MakeNode,
+) -> None:
+    gate = asyncio.Event()
+
+    async def hold(request: ExecutionRequest) -> NoopOutput | None:
+        await gate.wait()
+        return None
+
+    node = await make_node(cpu=1, queue_factor=0, hook=hold)
+    job = noop_job(cpu="1")
+    eid = new_id()
+    plain = await node.ask(job, eid)
+    assert (plain.accepted, plain.taken) == (True, False)
+    for _ in range(2):  # takes the reservation, then answers the same again
+        answer = await node.ask(job, eid, take=True)
+        assert (answer.accepted, answer.taken) == (True, True)
+    assert (await node.accept(eid, job.metadata.id)).ok  # an acceptance as well: still one
+    gate.set()
+    assert isinstance(await node.outcome(eid), ResultProposed)
+    assert len([e for e in node.events(eid) if isinstance(e, ResultProposed)]) == 1
+
+
+async def test_a_take_the_node_refuses_or_holds_takes_nothing(make_node: MakeNode) -> None:
+    node = await make_node(cpu=1, queue_factor=0)
+    busy = await node.ask(noop_job(cpu="2"), take=True)
+    assert (busy.accepted, busy.taken) == (False, False)
+    held = await make_node(approval="wait")
+    waiting = await held.ask(noop_job(), take=True)
+    assert (waiting.accepted, waiting.waiting, waiting.taken) == (False, True, False)
+
+
+async def test_a_take_that_cannot_be_stored_records_nothing(tmp_path: Path) -> None:
+    store = GatedStore(fail=True)
+    store.gate.set()
+    bus = MemoryBus()
+    service = ComputeService(
+        ComputeSettings(node_id="f", state_dir=tmp_path, engines=["Noop"], serve_http=False),
+        bus=bus,
+        store=store,
+    )
+    await service.start()
+    node = NodeHarness(service, bus)
+    try:
+        eid = new_id()
+        # An error, as for an acceptance that cannot be stored: not a verdict on the job.
+        with pytest.raises(OSError, match="disk full"):
+            await node.ask(noop_job(), eid, take=True)
+        await asyncio.sleep(0.05)
+        assert node.events(eid) == []
+        assert service.node.ledger.committed == Capacity()
+    finally:
+        await service.stop()
+        await bus.close()

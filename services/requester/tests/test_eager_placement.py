@@ -1,6 +1,10 @@
 """ADR 0026: a submitted job's nodes are asked while its row is being written, and what
 placement decides is recorded only after that row; a job that was never stored leaves nothing
-behind but released bids."""
+behind but released bids.
+
+A single-bid ask that takes its yes (ADR 0029) waits for the job's row instead, so these tests
+turn taking off: they are about the asks that still overlap the write (several bids, or taking
+off). test_taken_bids.py covers the other."""
 
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ class FailingCreates(MemoryRequesterStore):
 @pytest.fixture
 async def sqlite_harness(tmp_path: Path) -> AsyncIterator[tuple[Harness, HeldCommits]]:
     store = HeldCommits(f"sqlite+aiosqlite:///{tmp_path / 'requester.sqlite'}")
-    async with harness(store=store, verifier=False) as h:  # type: ignore[arg-type]
+    async with harness(store=store, verifier=False, take_single_bids=False) as h:  # type: ignore[arg-type]
         try:
             yield h, store
         finally:
@@ -115,7 +119,7 @@ async def test_a_replayed_submit_releases_its_bids_and_records_nothing(
 
 async def test_a_job_whose_write_failed_releases_its_bids_and_records_nothing() -> None:
     store = FailingCreates()
-    async with harness(store=store, verifier=False) as h:
+    async with harness(store=store, verifier=False, take_single_bids=False) as h:
         node = await h.node("n1")
         with capture_logs() as logs:
             with pytest.raises(sa_exc.OperationalError):

@@ -144,6 +144,10 @@ class AskBid(Message):
     execution_id: str
     job: dict[str, Any]  # the job in wire form (to_wire(Job)); parse with job_model()
     requester_id: str = ""
+    # The requester takes a yes at once (ADR 0029): the node treats its bid as accepted and
+    # answers ``taken`` once the execution is stored, so no ``bid_accepted`` follows. Nodes of
+    # an earlier build ignore it and answer a plain bid, which the requester then accepts.
+    take: bool = False
 
     def job_model(self) -> Job:
         return Job.model_validate(self.job)
@@ -160,6 +164,9 @@ class BidAnswer(Message):
     reason: str = ""
     # The node's approval policy is holding the execution; its answer comes later.
     waiting: bool = False
+    # The ask said ``take`` and the node accepted its own bid: the execution is stored there and
+    # queued to run.
+    taken: bool = False
 
 
 class BidDecision(Message):

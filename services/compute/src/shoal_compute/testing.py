@@ -90,8 +90,10 @@ class NodeHarness:
     async def _call(self, op: ComputeOp, payload: bytes) -> bytes:
         return await self.bus.request(compute_rpc(self.node_id, op), payload, timeout=10)
 
-    async def ask(self, job: Job, execution_id: str | None = None) -> BidAnswer:
-        ask = AskBid(execution_id=execution_id or new_id(), job=to_wire(job))
+    async def ask(
+        self, job: Job, execution_id: str | None = None, *, take: bool = False
+    ) -> BidAnswer:
+        ask = AskBid(execution_id=execution_id or new_id(), job=to_wire(job), take=take)
         return BidAnswer.from_bytes(await self._call(ComputeOp.ASK_BID, ask.to_bytes()))
 
     async def accept(self, execution_id: str, job_id: str = "") -> Ack:

@@ -79,6 +79,10 @@ class RequesterSettings(ServiceSettings):
     # disables the wait: with lanes bounding placements it only delayed jobs (stress -5% mean)
     # and no longer bought the API any latency.
     placement_yield_lag: float = Field(0.0, ge=0)
+    # When one node is asked for the one execution a job wants, the ask says ``take``: a yes
+    # is already an accepted bid on the node, which stores and queues the execution before it
+    # answers, so no separate acceptance follows (ADR 0029). Off: ask, then accept.
+    take_single_bids: bool = True
     # Replacement rounds after failed executions or refused bids (0 = never retry).
     max_retries: int = Field(3, ge=0)
     # How long a job may wait in Queued for a node with free capacity.

@@ -164,6 +164,8 @@ class FakeComputeNode:
     ``bid``: "yes", "no", "error" (the bid strategy raises: the reply is an error) or "wait"
     (held for approval; ``approve`` later answers with a ``BidAnswered`` event).
     ``run``: "succeed", "fail", "hang" (never finishes) or "cancelled".
+    ``takes``: a yes to an ask that says ``take`` is accepted at once, as nodes of this build
+    do (ADR 0029); False answers a plain bid, as a node of an earlier build would.
     """
 
     bus: Bus
@@ -173,13 +175,15 @@ class FakeComputeNode:
     bid_reason: str = "node configured to reject bids"
     run: str = "succeed"
     run_delay: float = 0.0
+    takes: bool = True
     stdout: str = "hello\n"
     fail_error: str = "executor failed: exit status 1"
     fail_retryable: bool = True
     result_cid: str = "QmResult"
     logs: list[str] = field(default_factory=list)
     asked: list[str] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)  # taken or accepted by a message
+    taken: list[str] = field(default_factory=list)  # accepted in the ask (AskBid.take)
     rejected: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     _seq: int = 0
@@ -255,6 +259,10 @@ class FakeComputeNode:
             return BidAnswer(
                 execution_id=ask.execution_id, accepted=False, reason=self.bid_reason
             ).to_bytes()
+        if ask.take and self.takes:
+            self.taken.append(ask.execution_id)
+            self._accept(ask.execution_id, self._jobs[ask.execution_id])
+            return BidAnswer(execution_id=ask.execution_id, accepted=True, taken=True).to_bytes()
         return BidAnswer(execution_id=ask.execution_id, accepted=True).to_bytes()
 
     async def _approve(self, data: bytes) -> bytes:
@@ -276,11 +284,14 @@ class FakeComputeNode:
             return Ack().to_bytes()  # a repeated acceptance: already running it
         if decision.execution_id not in self.asked:
             return Ack(ok=False, code="not_found", error="no bid for this execution").to_bytes()
-        self.accepted.append(decision.execution_id)
-        task = asyncio.create_task(self._execute(decision.job_id, decision.execution_id))
+        self._accept(decision.execution_id, decision.job_id)
+        return Ack().to_bytes()
+
+    def _accept(self, execution_id: str, job_id: str) -> None:
+        self.accepted.append(execution_id)
+        task = asyncio.create_task(self._execute(job_id, execution_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return Ack().to_bytes()
 
     async def _bid_rejected(self, data: bytes) -> bytes:
         self.rejected.append(BidDecision.from_bytes(data).execution_id)

@@ -123,8 +123,13 @@ class ComputeNode:
         eid = ask.execution_id
         if self.stopping:
             return BidAnswer(execution_id=eid, accepted=False, reason="node is shutting down")
-        if eid in self.reservations or eid in self._accepted:
-            return BidAnswer(execution_id=eid, accepted=True)  # a retried ask: same answer
+        if eid in self._accepted:  # a retried ask: the same answer
+            await self.row_written(eid)
+            return BidAnswer(execution_id=eid, accepted=True, taken=ask.take)
+        if eid in self.reservations:
+            if ask.take:
+                return await self._take(eid)
+            return BidAnswer(execution_id=eid, accepted=True)
         if eid in self.held:
             return BidAnswer(execution_id=eid, accepted=False, waiting=True)
         try:
@@ -153,7 +158,18 @@ class ComputeNode:
             outcome = self._reserve(ask, job, resources)
         metrics.BIDS.labels("yes" if outcome.accepted else "no").inc()
         log.debug("bid_answered", execution_id=eid, accepted=outcome.accepted)
+        if outcome.accepted and ask.take:
+            return await self._take(eid)
         return BidAnswer(execution_id=eid, accepted=outcome.accepted, reason=outcome.reason)
+
+    async def _take(self, execution_id: str) -> BidAnswer:
+        """Accept our own reserved bid, as the requester said it would (``AskBid.take``):
+        answered once the execution is stored, exactly as ``bid_accepted`` acknowledges."""
+        # No job id: bid_accepted takes it from the reservation's parsed job.
+        ack = await self.bid_accepted(BidDecision(execution_id=execution_id, job_id=""))
+        if not ack.ok:
+            return BidAnswer(execution_id=execution_id, accepted=False, reason=ack.error)
+        return BidAnswer(execution_id=execution_id, accepted=True, taken=True)
 
     def _reserve(self, ask: AskBid, job: Job, resources: Capacity) -> BidOutcome:
         eid = ask.execution_id

@@ -149,6 +149,8 @@ class _Answer:
     execution_id: str
     kind: str  # "yes" | "no" | "error" | "waiting"
     reason: str = ""
+    take: bool = False  # asked with AskBid.take: a yes is already accepted on the node
+    taken: bool = False  # ... and the node said so (a node of an earlier build does not)
 
 
 @dataclass
@@ -609,7 +611,12 @@ class Orchestrator:
             rounds += 1
             k = min(len(free), math.ceil((want - len(yes)) * settings.over_ask))
             batch, free = free[:k], free[k:]
-            got = await self._ask(job, batch)
+            # One node asked for the one execution wanted: its yes is taken at once (ADR 0029),
+            # once the job itself is stored, so no node runs a job whose submit failed.
+            take = settings.take_single_bids and want == 1 and k == 1 and not yes
+            if take:
+                await self._job_stored(job)
+            got = await self._ask(job, batch, take=take)
             answers += got
             yes += [a for a in got if a.kind == "yes"]
             for a in got:
@@ -633,9 +640,15 @@ class Orchestrator:
             changes.executions.append(update)
             new_records.append(update.after)
             if update.after.state is ES.BID_ACCEPTED:
-                effects.accept.append(update.after)
+                if not answer.taken:
+                    effects.accept.append(update.after)
+            elif answer.taken:
+                effects.cancel.append((update.after, update.after.status))
             elif answer.kind == "yes":
                 effects.reject.append((update.after, update.after.status))
+            elif answer.take and answer.kind == "error":
+                # The answer was lost, not necessarily the ask: the node may have taken it.
+                effects.cancel.append((update.after, "the node's answer did not arrive"))
             if update.after.state not in HOLDS_CAPACITY:
                 effects.release.append(answer.execution_id)
         after = [*executions, *new_records]
@@ -703,8 +716,14 @@ class Orchestrator:
         except _NOT_RECORDED as exc:
             # Nothing recorded: free what the asks reserved, here and on the nodes (a bid left
             # open holds the node's capacity until its reservation times out, 30 s).
+            taken = {a.execution_id for a in answers if a.taken or (a.take and a.kind == "error")}
             effects = _AfterCommit(
-                reject=[(r, "placement abandoned") for r in new_records if r.accepted_ask_for_bid],
+                reject=[
+                    (r, "placement abandoned")
+                    for r in new_records
+                    if r.accepted_ask_for_bid and r.id not in taken
+                ],
+                cancel=[(r, "placement abandoned") for r in new_records if r.id in taken],
                 release=[a.execution_id for a in answers],
             )
             self._after_commit(job, effects)
@@ -766,7 +785,15 @@ class Orchestrator:
         rec = record(ES.BID_REJECTED, reason, accepted=True)
         return new_execution_update(rec, [asked, got, (ES.BID_REJECTED, reason)])
 
-    async def _ask(self, job: JobRecord, nodes: Sequence[TrackedNode]) -> list[_Answer]:
+    async def _job_stored(self, job: JobRecord) -> None:
+        """Wait until a just-submitted job's row is durable; JobNotStored if it never is."""
+        write = self._new_jobs.get(job.id)
+        if write is not None and not await write.stored():
+            raise JobNotStored(f"job {job.id} was not stored")
+
+    async def _ask(
+        self, job: JobRecord, nodes: Sequence[TrackedNode], *, take: bool = False
+    ) -> list[_Answer]:
         """Ask nodes for bids in parallel; answers in the order they arrived."""
         arrival = itertools.count()
         timeout = self._settings.bid_timeout
@@ -780,15 +807,19 @@ class Orchestrator:
 
         async def ask(node: TrackedNode, execution_id: str) -> tuple[int, _Answer]:
             request = AskBid(
-                execution_id=execution_id, job=dict(job.job), requester_id=self._requester_id
+                execution_id=execution_id,
+                job=dict(job.job),
+                requester_id=self._requester_id,
+                take=take,
             )
             try:
                 bid = await self._compute.ask_bid(node.id, request, timeout=timeout)
             except NodeCallFailed as exc:
-                answer = _Answer(node, execution_id, "error", exc.detail)
+                answer = _Answer(node, execution_id, "error", exc.detail, take=take)
             else:
                 kind = "yes" if bid.accepted else ("waiting" if bid.waiting else "no")
-                answer = _Answer(node, execution_id, kind, bid.reason)
+                taken = take and bid.accepted and bid.taken
+                answer = _Answer(node, execution_id, kind, bid.reason, take=take, taken=taken)
             _bids_counter(answer.kind).inc()
             return next(arrival), answer
 
