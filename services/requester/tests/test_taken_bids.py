@@ -113,6 +113,18 @@ async def test_jobs_wanting_several_bids_are_asked_then_accepted(deal: dict[str,
         assert sum(len(n.accepted) for n in nodes) == deal["Concurrency"]
 
 
+async def test_a_job_with_a_verifier_is_asked_then_accepted() -> None:
+    """A lost answer to a take leaves a copy running on the node: a verifier must never see it,
+    so only jobs the requester verifies itself (noop) are taken."""
+    async with harness() as h:
+        node = await h.node("n1")  # every verifier
+        job_id = await h.submit(make_spec(Verifier="Deterministic"))
+        await h.wait_state(job_id, JS.IN_PROGRESS, *[s for s in JS if s.terminal])
+        assert len(node.asked) == 1
+        assert node.taken == []
+        assert node.accepted == node.asked
+
+
 async def test_taking_can_be_turned_off() -> None:
     async with harness(take_single_bids=False) as h:
         node = await h.node("n1")
@@ -193,9 +205,13 @@ async def test_a_taking_ask_whose_answer_was_lost_is_cancelled_on_its_node() -> 
         assert node.rejected == []
         # The ask counted as not delivered: the job is placed again and completes.
         assert (await h.wait_state(job_id, timeout=10.0)).state is JS.COMPLETED
+        # The node ran the first copy too (its result event came): it is not a second result.
         execution = await h.service.store.find_execution(first)
         assert execution is not None
         assert execution.state is ES.ASK_FOR_BID_REJECTED
+        completed = [e.id for e in await h.executions(job_id) if e.state is ES.COMPLETED]
+        assert completed == [node.asked[-1]]
+        assert first not in completed
 
 
 def test_an_ask_of_an_earlier_build_does_not_take() -> None:

@@ -305,8 +305,12 @@ class SimulatedFleet:
         eid = ask.execution_id
         if self._stopping:
             return BidAnswer(execution_id=eid, accepted=False, reason="node is shutting down")
-        if eid in node.reservations or eid in node.running:
-            return BidAnswer(execution_id=eid, accepted=True)  # a retried ask: same answer
+        if eid in node.running:  # a retried ask: the same answer
+            return BidAnswer(execution_id=eid, accepted=True, taken=ask.take)
+        if eid in node.reservations:
+            if ask.take:
+                return self._take(node, eid)
+            return BidAnswer(execution_id=eid, accepted=True)
         try:
             job = ask.job_model()
             resources = job_resources(job.spec)
@@ -318,7 +322,13 @@ class SimulatedFleet:
             self.config.reservation_timeout_s, self._expire, node, eid
         )
         node.reservations[eid] = (job, timer)
+        if ask.take:  # the requester takes a yes at once (ADR 0029), as a real node does
+            return self._take(node, eid)
         return BidAnswer(execution_id=eid, accepted=True)
+
+    def _take(self, node: SimulatedNode, execution_id: str) -> BidAnswer:
+        self._accept(node, execution_id, "")
+        return BidAnswer(execution_id=execution_id, accepted=True, taken=True)
 
     def _expire(self, node: SimulatedNode, execution_id: str) -> None:
         if node.reservations.pop(execution_id, None) is not None:
@@ -327,16 +337,19 @@ class SimulatedFleet:
     async def _bid_accepted(self, node: SimulatedNode, raw: bytes) -> Message:
         decision = BidDecision.from_bytes(raw)
         eid = decision.execution_id
-        reserved = node.reservations.pop(eid, None)
-        if reserved is None:
+        if eid not in node.reservations:
             if eid in node.running:
                 return Ack()  # repeated accept: already ours
             return self._unknown(node, eid)
-        job, timer = reserved
-        timer.cancel()
-        node.running[eid] = False
-        self._spawn(self._run(node, eid, job, decision.job_id or job.metadata.id))
+        self._accept(node, eid, decision.job_id)
         return Ack()
+
+    def _accept(self, node: SimulatedNode, execution_id: str, job_id: str) -> None:
+        """Run a reserved execution (the reservation must exist)."""
+        job, timer = node.reservations.pop(execution_id)
+        timer.cancel()
+        node.running[execution_id] = False
+        self._spawn(self._run(node, execution_id, job, job_id or job.metadata.id))
 
     async def _bid_rejected(self, node: SimulatedNode, raw: bytes) -> Message:
         eid = BidDecision.from_bytes(raw).execution_id

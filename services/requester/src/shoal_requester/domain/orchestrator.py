@@ -612,8 +612,16 @@ class Orchestrator:
             k = min(len(free), math.ceil((want - len(yes)) * settings.over_ask))
             batch, free = free[:k], free[k:]
             # One node asked for the one execution wanted: its yes is taken at once (ADR 0029),
-            # once the job itself is stored, so no node runs a job whose submit failed.
-            take = settings.take_single_bids and want == 1 and k == 1 and not yes
+            # once the job itself is stored, so no node runs a job whose submit failed. Only
+            # when the requester settles verification itself: should a taken ask's answer be
+            # lost, the copy the node runs anyway must not reach a verifier (it would count).
+            take = (
+                settings.take_single_bids
+                and want == 1
+                and k == 1
+                and not yes
+                and requester_verifies(job.spec.effective_verifier)
+            )
             if take:
                 await self._job_stored(job)
             got = await self._ask(job, batch, take=take)
