@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,19 @@ async def test_behaviour_28_decisions_for_unknown_or_finished_executions(
     assert late.code == "invalid_transition"
 
 
-async def test_repeated_ask_and_accept_are_idempotent(make_node: MakeNode) -> None:
+async def _held_node(make_node: MakeNode) -> tuple[NodeHarness, asyncio.Event]:
+    """A node of one CPU whose runs wait until the returned gate is set."""
     gate = asyncio.Event()
 
     async def hold(request: ExecutionRequest) -> NoopOutput | None:
         await gate.wait()
         return None
 
-    node = await make_node(cpu=1, queue_factor=0, hook=hold)
+    return await make_node(cpu=1, queue_factor=0, hook=hold), gate
+
+
+async def test_repeated_ask_and_accept_are_idempotent(make_node: MakeNode) -> None:
+    node, gate = await _held_node(make_node)
     job = noop_job(cpu="1")
     eid = new_id()
     assert (await node.ask(job, eid)).accepted
@@ -280,24 +286,35 @@ class GatedStore(MemoryExecutionStore):
         await super().create(record, events=events, on_ordered=on_ordered)
 
 
+@contextlib.asynccontextmanager
+async def _node_on(
+    store: GatedStore, tmp_path: Path, **services: Any
+) -> AsyncIterator[tuple[ComputeService, NodeHarness]]:
+    """A started node ("g") on ``store``, over a MemoryBus."""
+    bus = MemoryBus()
+    service = ComputeService(
+        ComputeSettings(node_id="g", state_dir=tmp_path, engines=["Noop"], serve_http=False),
+        bus=bus,
+        store=store,
+        **services,
+    )
+    await service.start()
+    try:
+        yield service, NodeHarness(service, bus)
+    finally:
+        await service.stop()
+        await bus.close()
+
+
 async def test_run_overlaps_the_accept_write_but_waits_for_it(tmp_path: Path) -> None:
     store = GatedStore()
-    bus = MemoryBus()
     ran = asyncio.Event()
 
     async def hook(request: ExecutionRequest) -> NoopOutput | None:
         ran.set()
         return None
 
-    service = ComputeService(
-        ComputeSettings(node_id="g", state_dir=tmp_path, engines=["Noop"], serve_http=False),
-        bus=bus,
-        store=store,
-        noop_hook=hook,
-    )
-    await service.start()
-    node = NodeHarness(service, bus)
-    try:
+    async with _node_on(store, tmp_path, noop_hook=hook) as (_service, node):
         eid = new_id()
         assert (await node.ask(noop_job(), eid)).accepted
         accepting = asyncio.create_task(node.accept(eid))
@@ -307,23 +324,12 @@ async def test_run_overlaps_the_accept_write_but_waits_for_it(tmp_path: Path) ->
         store.gate.set()
         assert (await accepting).ok
         assert isinstance(await node.outcome(eid), ResultProposed)
-    finally:
-        await service.stop()
-        await bus.close()
 
 
 async def test_accept_that_cannot_be_stored_records_nothing(tmp_path: Path) -> None:
     store = GatedStore(fail=True)
     store.gate.set()
-    bus = MemoryBus()
-    service = ComputeService(
-        ComputeSettings(node_id="f", state_dir=tmp_path, engines=["Noop"], serve_http=False),
-        bus=bus,
-        store=store,
-    )
-    await service.start()
-    node = NodeHarness(service, bus)
-    try:
+    async with _node_on(store, tmp_path) as (service, node):
         eid = new_id()
         assert (await node.ask(noop_job(), eid)).accepted
         with pytest.raises(OSError, match="disk full"):
@@ -331,9 +337,6 @@ async def test_accept_that_cannot_be_stored_records_nothing(tmp_path: Path) -> N
         await asyncio.sleep(0.05)
         assert node.events(eid) == []
         assert service.node.ledger.committed == Capacity()
-    finally:
-        await service.stop()
-        await bus.close()
 
 
 # --- asks that take their yes (ADR 0029) ---------------------------------------------------
@@ -341,15 +344,7 @@ async def test_accept_that_cannot_be_stored_records_nothing(tmp_path: Path) -> N
 
 async def test_an_ask_that_takes_is_answered_once_the_execution_is_stored(tmp_path: Path) -> None:
     store = GatedStore()
-    bus = MemoryBus()
-    service = ComputeService(
-        ComputeSettings(node_id="t", state_dir=tmp_path, engines=["Noop"], serve_http=False),
-        bus=bus,
-        store=store,
-    )
-    await service.start()
-    node = NodeHarness(service, bus)
-    try:
+    async with _node_on(store, tmp_path) as (service, node):
         eid = new_id()
         asking = asyncio.create_task(node.ask(noop_job(), eid, take=True))
         await asyncio.sleep(0.05)
@@ -359,21 +354,12 @@ async def test_an_ask_that_takes_is_answered_once_the_execution_is_stored(tmp_pa
         assert (answer.accepted, answer.taken) == (True, True)
         assert service.node.reservations == {}  # accepted, not merely reserved
         assert isinstance(await node.outcome(eid), ResultProposed)  # no bid_accepted was sent
-    finally:
-        await service.stop()
-        await bus.close()
 
 
 async def test_a_take_repeated_or_after_a_plain_ask_is_the_same_execution(
     make_node: MakeNode,
 ) -> None:
-    gate = asyncio.Event()
-
-    async def hold(request: ExecutionRequest) -> NoopOutput | None:
-        await gate.wait()
-        return None
-
-    node = await make_node(cpu=1, queue_factor=0, hook=hold)
+    node, gate = await _held_node(make_node)
     job = noop_job(cpu="1")
     eid = new_id()
     plain = await node.ask(job, eid)
@@ -399,15 +385,7 @@ async def test_a_take_the_node_refuses_or_holds_takes_nothing(make_node: MakeNod
 async def test_a_take_that_cannot_be_stored_records_nothing(tmp_path: Path) -> None:
     store = GatedStore(fail=True)
     store.gate.set()
-    bus = MemoryBus()
-    service = ComputeService(
-        ComputeSettings(node_id="f", state_dir=tmp_path, engines=["Noop"], serve_http=False),
-        bus=bus,
-        store=store,
-    )
-    await service.start()
-    node = NodeHarness(service, bus)
-    try:
+    async with _node_on(store, tmp_path) as (service, node):
         eid = new_id()
         # An error, as for an acceptance that cannot be stored: not a verdict on the job.
         with pytest.raises(OSError, match="disk full"):
@@ -415,6 +393,3 @@ async def test_a_take_that_cannot_be_stored_records_nothing(tmp_path: Path) -> N
         await asyncio.sleep(0.05)
         assert node.events(eid) == []
         assert service.node.ledger.committed == Capacity()
-    finally:
-        await service.stop()
-        await bus.close()

@@ -21,35 +21,20 @@ from structlog.testing import capture_logs
 from shoal_common.spec import ExecutionStateType, JobStateType
 from shoal_common.testing import wait_for
 from shoal_requester.domain.model import JobRecord
-from shoal_requester.store.memory import MemoryRequesterStore
-from shoal_requester.store.sql import SqlRequesterStore
-from shoal_requester.testing import Harness, harness, make_spec, submit_payload
+from shoal_requester.testing import (
+    FailingCreates,
+    Harness,
+    HeldCommits,
+    harness,
+    make_spec,
+    submit_payload,
+)
 
 JS = JobStateType
 ES = ExecutionStateType
 # Logged when a placement's write conflicted or a background task failed: never for a job that
 # was simply not stored.
 NOISE = {"placement_conflict", "requester_task_failed"}
-
-
-class HeldCommits(SqlRequesterStore):
-    """A SQLite store whose commits wait while ``hold`` is clear (the disk is slow)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.hold = asyncio.Event()
-        self.hold.set()
-
-    async def _commit_group(self, ops: list[Any]) -> Any:
-        await self.hold.wait()
-        return await super()._commit_group(ops)
-
-
-class FailingCreates(MemoryRequesterStore):
-    """A memory store whose job inserts fail as a dropped database connection does."""
-
-    async def create_job(self, job: JobRecord, **kwargs: Any) -> tuple[JobRecord, bool]:
-        raise sa_exc.OperationalError("INSERT INTO jobs ...", {}, ConnectionRefusedError(111))
 
 
 @pytest.fixture

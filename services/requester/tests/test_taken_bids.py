@@ -17,33 +17,20 @@ from sqlalchemy import exc as sa_exc
 from shoal_common.protocol import AskBid
 from shoal_common.spec import ExecutionStateType, JobStateType
 from shoal_common.testing import wait_for
-from shoal_requester.domain.model import Changes, JobRecord
+from shoal_requester.domain.model import Changes
 from shoal_requester.store.memory import MemoryRequesterStore
-from shoal_requester.store.sql import SqlRequesterStore
-from shoal_requester.testing import FakeComputeNode, Harness, harness, make_spec, submit_payload
+from shoal_requester.testing import (
+    FailingCreates,
+    FakeComputeNode,
+    Harness,
+    HeldCommits,
+    harness,
+    make_spec,
+    submit_payload,
+)
 
 JS = JobStateType
 ES = ExecutionStateType
-
-
-class HeldCommits(SqlRequesterStore):
-    """A SQLite store whose commits wait while ``hold`` is clear (the disk is slow)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.hold = asyncio.Event()
-        self.hold.set()
-
-    async def _commit_group(self, ops: list[Any]) -> Any:
-        await self.hold.wait()
-        return await super()._commit_group(ops)
-
-
-class FailingCreates(MemoryRequesterStore):
-    """A memory store whose job inserts fail as a dropped database connection does."""
-
-    async def create_job(self, job: JobRecord, **kwargs: Any) -> tuple[JobRecord, bool]:
-        raise sa_exc.OperationalError("INSERT INTO jobs ...", {}, ConnectionRefusedError(111))
 
 
 class FailingPlacements(MemoryRequesterStore):

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from sqlalchemy import exc as sa_exc
 
 from shoal_common.bus import Bus, MemoryBus
 from shoal_common.events import (
@@ -59,6 +60,7 @@ from shoal_common.subjects import ComputeOp, Producer, compute_rpc, heartbeat
 from shoal_common.testing import wait_for
 from shoal_requester.domain.model import ExecutionRecord, HistoryRecord, JobRecord
 from shoal_requester.store.memory import MemoryRequesterStore
+from shoal_requester.store.sql import SqlRequesterStore
 
 if TYPE_CHECKING:
     from shoal_requester.service import RequesterService
@@ -519,3 +521,26 @@ async def harness(
         await stop_all(*h.nodes.values())
         await service.stop()
         await bus.close()
+
+
+# --- stores with a slow or failing disk (placement-while-written tests) ----------------------
+
+
+class HeldCommits(SqlRequesterStore):
+    """A SQLite store whose commits wait while ``hold`` is clear (the disk is slow)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.hold = asyncio.Event()
+        self.hold.set()
+
+    async def _commit_group(self, ops: list[Any]) -> Any:
+        await self.hold.wait()
+        return await super()._commit_group(ops)
+
+
+class FailingCreates(MemoryRequesterStore):
+    """A memory store whose job inserts fail as a dropped database connection does."""
+
+    async def create_job(self, job: JobRecord, **kwargs: Any) -> tuple[JobRecord, bool]:
+        raise sa_exc.OperationalError("INSERT INTO jobs ...", {}, ConnectionRefusedError(111))
