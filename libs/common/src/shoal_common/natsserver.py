@@ -45,6 +45,34 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# A slice of the range for this process tree, "LOW-HIGH" (each pytest-xdist worker gets its
+# own: _GIVEN cannot see another process's picks, and two workers drew the same port in CI).
+PORT_RANGE_ENV = "SHOAL_PORT_RANGE"
+PORTS_LOW = 20000
+
+
+def port_range() -> tuple[int, int]:
+    """The ports :func:`free_port` picks from: ``$SHOAL_PORT_RANGE`` if set, else from 20000 to
+    just below the kernel's ephemeral range."""
+    high = _ephemeral_low() - 1
+    spec = os.environ.get(PORT_RANGE_ENV, "")
+    if spec:
+        try:
+            lo, hi = (int(part) for part in spec.split("-", 1))
+        except ValueError:
+            raise ValueError(f"{PORT_RANGE_ENV} must be LOW-HIGH, not {spec!r}") from None
+        return lo, hi
+    return PORTS_LOW, high
+
+
+def worker_port_range(worker: int, workers: int) -> tuple[int, int]:
+    """Worker ``worker`` of ``workers``' equal share of the default range."""
+    low, high = PORTS_LOW, _ephemeral_low() - 1
+    size = (high - low + 1) // max(1, workers)
+    start = low + worker * size
+    return start, start + size - 1
+
+
 # Ports this process handed out lately: several are often picked before any is bound (a NATS
 # server's client and monitor ports, a devstack's services), and a port free at both picks
 # must not be given twice (CI: nats-server's monitor took its own client port).
@@ -59,8 +87,7 @@ def free_port() -> int:
     may take it between this call and the listener's bind ("address already in use" in parallel
     tests); ports below that range are only ever taken by listeners.
     """
-    low = 20000
-    high = _ephemeral_low() - 1
+    low, high = port_range()
     for _ in range(50):
         port = random.randint(low, high) if high > low else 0
         if port and port not in _GIVEN and port_is_free(port):
