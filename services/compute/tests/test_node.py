@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,7 @@ class GatedStore(MemoryExecutionStore):
     def __init__(self, *, fail: bool = False) -> None:
         super().__init__()
         self.gate = asyncio.Event()
+        self.entered = asyncio.Event()  # a create is waiting at the gate
         self.fail = fail
 
     async def create(
@@ -280,6 +281,7 @@ class GatedStore(MemoryExecutionStore):
         events: Any = (),
         on_ordered: Callable[[], None] | None = None,
     ) -> None:
+        self.entered.set()
         await self.gate.wait()
         if self.fail:
             raise OSError("disk full")
@@ -304,6 +306,15 @@ async def _node_on(
     finally:
         await service.stop()
         await bus.close()
+
+
+def _nothing_left(service: ComputeService) -> Callable[[], Awaitable[bool]]:
+    """Nothing queued or running: a run that was going has ended (its events, if any, sent)."""
+
+    async def probe() -> bool:
+        return service.node.queued_count == 0 and service.node.running_count == 0
+
+    return probe
 
 
 async def test_run_overlaps_the_accept_write_but_waits_for_it(tmp_path: Path) -> None:
@@ -334,7 +345,7 @@ async def test_accept_that_cannot_be_stored_records_nothing(tmp_path: Path) -> N
         assert (await node.ask(noop_job(), eid)).accepted
         with pytest.raises(OSError, match="disk full"):
             await node.accept(eid)
-        await asyncio.sleep(0.05)
+        await wait_for(_nothing_left(service))
         assert node.events(eid) == []
         assert service.node.ledger.committed == Capacity()
 
@@ -347,7 +358,7 @@ async def test_an_ask_that_takes_is_answered_once_the_execution_is_stored(tmp_pa
     async with _node_on(store, tmp_path) as (service, node):
         eid = new_id()
         asking = asyncio.create_task(node.ask(noop_job(), eid, take=True))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(store.entered.wait(), 5)
         assert not asking.done()  # the row is not written yet: no answer
         store.gate.set()
         answer = await asking
@@ -390,6 +401,6 @@ async def test_a_take_that_cannot_be_stored_records_nothing(tmp_path: Path) -> N
         # An error, as for an acceptance that cannot be stored: not a verdict on the job.
         with pytest.raises(OSError, match="disk full"):
             await node.ask(noop_job(), eid, take=True)
-        await asyncio.sleep(0.05)
+        await wait_for(_nothing_left(service))
         assert node.events(eid) == []
         assert service.node.ledger.committed == Capacity()

@@ -26,6 +26,7 @@ from shoal_requester.testing import (
     Harness,
     HeldCommits,
     harness,
+    held_commits_harness,
     make_spec,
     submit_payload,
 )
@@ -39,12 +40,8 @@ NOISE = {"placement_conflict", "requester_task_failed"}
 
 @pytest.fixture
 async def sqlite_harness(tmp_path: Path) -> AsyncIterator[tuple[Harness, HeldCommits]]:
-    store = HeldCommits(f"sqlite+aiosqlite:///{tmp_path / 'requester.sqlite'}")
-    async with harness(store=store, verifier=False, take_single_bids=False) as h:  # type: ignore[arg-type]
-        try:
-            yield h, store
-        finally:
-            store.hold.set()  # a failed test must not leave the requester's writer stuck
+    async with held_commits_harness(tmp_path, take_single_bids=False) as pair:
+        yield pair
 
 
 async def _submit(h: Harness, payload: dict[str, Any]) -> tuple[JobRecord, bool]:

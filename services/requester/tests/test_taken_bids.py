@@ -25,6 +25,7 @@ from shoal_requester.testing import (
     Harness,
     HeldCommits,
     harness,
+    held_commits_harness,
     make_spec,
     submit_payload,
 )
@@ -123,12 +124,8 @@ async def test_taking_can_be_turned_off() -> None:
 
 @pytest.fixture
 async def held_commits(tmp_path: Path) -> AsyncIterator[tuple[Harness, HeldCommits]]:
-    store = HeldCommits(f"sqlite+aiosqlite:///{tmp_path / 'requester.sqlite'}")
-    async with harness(store=store, verifier=False) as h:  # type: ignore[arg-type]
-        try:
-            yield h, store
-        finally:
-            store.hold.set()  # a failed test must not leave the requester's writer stuck
+    async with held_commits_harness(tmp_path) as pair:
+        yield pair
 
 
 async def test_a_taking_ask_waits_until_the_job_is_stored(
@@ -141,7 +138,9 @@ async def test_a_taking_ask_waits_until_the_job_is_stored(
     submit = asyncio.create_task(
         h.service.jobs.submit(payload, orjson.dumps(payload), client_id="client-1")
     )
-    await asyncio.sleep(0.2)  # long enough for an ask to arrive if one were sent (none may be)
+    # The job's commit is waiting: its placement started before it, so an ask that did not
+    # wait for the row would have been sent by now.
+    await asyncio.wait_for(store.held.wait(), 5)
     assert node.asked == []
     assert not submit.done()
     store.hold.set()

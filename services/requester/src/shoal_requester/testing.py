@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -527,14 +528,18 @@ async def harness(
 
 
 class HeldCommits(SqlRequesterStore):
-    """A SQLite store whose commits wait while ``hold`` is clear (the disk is slow)."""
+    """A SQLite store whose commits wait while ``hold`` is clear (the disk is slow); ``held``
+    is set once a commit is waiting."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.hold = asyncio.Event()
         self.hold.set()
+        self.held = asyncio.Event()
 
     async def _commit_group(self, ops: list[Any]) -> Any:
+        if not self.hold.is_set():
+            self.held.set()
         await self.hold.wait()
         return await super()._commit_group(ops)
 
@@ -544,3 +549,16 @@ class FailingCreates(MemoryRequesterStore):
 
     async def create_job(self, job: JobRecord, **kwargs: Any) -> tuple[JobRecord, bool]:
         raise sa_exc.OperationalError("INSERT INTO jobs ...", {}, ConnectionRefusedError(111))
+
+
+@contextlib.asynccontextmanager
+async def held_commits_harness(
+    folder: Path, **settings: Any
+) -> AsyncIterator[tuple[Harness, HeldCommits]]:
+    """A harness on a :class:`HeldCommits` SQLite store in ``folder`` (no verifier)."""
+    store = HeldCommits(f"sqlite+aiosqlite:///{folder / 'requester.sqlite'}")
+    async with harness(store=store, verifier=False, **settings) as h:  # type: ignore[arg-type]
+        try:
+            yield h, store
+        finally:
+            store.hold.set()  # a failed test must not leave the requester's writer stuck

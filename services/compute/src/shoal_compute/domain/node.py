@@ -164,11 +164,12 @@ class ComputeNode:
 
     async def _take(self, execution_id: str) -> BidAnswer:
         """Accept our own reserved bid, as the requester said it would (``AskBid.take``):
-        answered once the execution is stored, exactly as ``bid_accepted`` acknowledges."""
+        answered once the execution is stored, exactly as ``bid_accepted`` acknowledges.
+
+        Called with the reservation in place and no await since, so ``bid_accepted`` either
+        stores the execution or raises (a refusal comes only for a missing reservation)."""
         # No job id: bid_accepted takes it from the reservation's parsed job.
-        ack = await self.bid_accepted(BidDecision(execution_id=execution_id, job_id=""))
-        if not ack.ok:
-            return BidAnswer(execution_id=execution_id, accepted=False, reason=ack.error)
+        await self.bid_accepted(BidDecision(execution_id=execution_id, job_id=""))
         return BidAnswer(execution_id=execution_id, accepted=True, taken=True)
 
     def _reserve(self, ask: AskBid, job: Job, resources: Capacity) -> BidOutcome:

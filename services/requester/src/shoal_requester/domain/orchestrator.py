@@ -152,6 +152,12 @@ class _Answer:
     take: bool = False  # asked with AskBid.take: a yes is already accepted on the node
     taken: bool = False  # ... and the node said so (a node of an earlier build does not)
 
+    @property
+    def may_run(self) -> bool:
+        """The node took it, or may have (a taking ask whose answer was lost): not recorded,
+        it must be cancelled there, not merely rejected."""
+        return self.taken or (self.take and self.kind == "error")
+
 
 @dataclass
 class _AfterCommit:
@@ -650,13 +656,12 @@ class Orchestrator:
             if update.after.state is ES.BID_ACCEPTED:
                 if not answer.taken:
                     effects.accept.append(update.after)
-            elif answer.taken:
-                effects.cancel.append((update.after, update.after.status))
+            elif answer.may_run:
+                # A lost answer lost the reply, not necessarily the ask: the node may have it.
+                why = update.after.status if answer.taken else "the node's answer did not arrive"
+                effects.cancel.append((update.after, why))
             elif answer.kind == "yes":
                 effects.reject.append((update.after, update.after.status))
-            elif answer.take and answer.kind == "error":
-                # The answer was lost, not necessarily the ask: the node may have taken it.
-                effects.cancel.append((update.after, "the node's answer did not arrive"))
             if update.after.state not in HOLDS_CAPACITY:
                 effects.release.append(answer.execution_id)
         after = [*executions, *new_records]
@@ -724,7 +729,7 @@ class Orchestrator:
         except _NOT_RECORDED as exc:
             # Nothing recorded: free what the asks reserved, here and on the nodes (a bid left
             # open holds the node's capacity until its reservation times out, 30 s).
-            taken = {a.execution_id for a in answers if a.taken or (a.take and a.kind == "error")}
+            taken = {a.execution_id for a in answers if a.may_run}
             effects = _AfterCommit(
                 reject=[
                     (r, "placement abandoned")
