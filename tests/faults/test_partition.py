@@ -46,10 +46,17 @@ def test_partitioned_node_is_replaced_and_its_late_results_do_not_count(
                 if e.node_id == "compute-0" and e.state.value == "BidAccepted"
             ]
 
-        def victim_running() -> bool:
-            return cluster.metric("compute-0", "shoal_compute_executions_running") >= 1
+        # Running on the node is not enough: a taken bid (ADR 0029) runs before its answer
+        # reaches the requester, and over the slow link a cut could lose that answer, leaving
+        # the test nothing recorded as accepted (the cause of a CI failure). Cut only once the
+        # requester has recorded compute-0 running something.
+        def victim_running_accepted() -> bool:
+            running = cluster.metric("compute-0", "shoal_compute_executions_running") >= 1
+            return running and bool(accepted_on_victim())
 
-        wait_until(victim_running, timeout=15, what="an execution running on compute-0")
+        wait_until(
+            victim_running_accepted, timeout=15, what="an accepted execution running on compute-0"
+        )
         cluster.proxies["compute-0"].cut()
         cut_at = time.monotonic()
         # What the requester had accepted compute-0 for when the link went. Not all of it need
