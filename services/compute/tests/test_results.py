@@ -55,8 +55,9 @@ async def test_behaviour_12_run_output_truncation(
     assert out.stdout_truncated is truncated
     assert out.stderr_truncated is truncated
     assert out.stdout == (text if not truncated else text.encode()[:10].decode())
-    results = node.service.settings.state_dir / "executions" / eid / "results"
-    assert (results / "stdout").read_text() == text  # the full text stays in the results
+    found = await node.service.cache.locate(event.result_cid)  # written out when read
+    assert found is not None
+    assert (found.path / "stdout").read_text() == text  # the full text stays in the results
 
 
 async def test_symlink_in_an_output_is_refused(make_node: MakeNode, tmp_path: Path) -> None:

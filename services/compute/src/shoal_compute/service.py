@@ -55,7 +55,7 @@ from shoal_compute.domain.bidding import (
 from shoal_compute.domain.capacity import CapacityLedger
 from shoal_compute.domain.execution import LocalState
 from shoal_compute.domain.node import ComputeNode
-from shoal_compute.domain.results import ExecutionPaths
+from shoal_compute.domain.results import ExecutionPaths, results_folder
 from shoal_compute.domain.runner import ExecutionRunner, RunnerConfig
 from shoal_compute.executors.base import Executor
 from shoal_compute.executors.noop import NoopBehaviour, NoopExecutor, NoopHook
@@ -283,7 +283,9 @@ class ComputeService:
 
         async def lookup(cid: str) -> Path | None:
             record = await self.store.find_by_result(cid)
-            return self.node_paths(record.id).results if record is not None else None
+            if record is None:
+                return None
+            return await results_folder(record, self.node_paths(record.id).results)
 
         self.cache.set_result_lookup(lookup)
 

@@ -74,7 +74,8 @@ class ContentCache:
             self._recent[path.name] = None
 
     def set_result_lookup(self, lookup: ResultLookup) -> None:
-        """Where to find results older than the in-memory index (the executions table)."""
+        """Where to find results older than the in-memory index (the executions table), and
+        to have a result's folder written out when it is still kept in its row."""
         self._lookup = lookup
 
     @property
@@ -133,7 +134,10 @@ class ContentCache:
         if key is None:
             return None
         folder = self._results.get(key)
-        if folder is None and self._lookup is not None and not self._store.has(key):
+        # A result kept in its execution's row (ADR 0030) has no folder until the lookup
+        # writes it.
+        unwritten = folder is None or not _is_dir(folder)
+        if unwritten and self._lookup is not None and not self._store.has(key):
             folder = await self._lookup(key)
         if folder is not None:
             # None if the results folder was removed behind our back.

@@ -15,6 +15,7 @@ from typing import Any
 
 from shoal_common.protocol import Capacity
 from shoal_common.spec import Job, RunOutput
+from shoal_compute.executors.base import RunFiles
 
 
 class LocalState(StrEnum):
@@ -49,6 +50,8 @@ class ExecutionRecord:
     result_cid: str | None = None
     error: str = ""
     run_output: RunOutput | None = None
+    # A run's results kept in the row instead of files until something reads them (ADR 0030).
+    result_files: RunFiles | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 

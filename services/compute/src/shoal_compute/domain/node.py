@@ -43,7 +43,7 @@ from shoal_compute.domain.bidding import BidOutcome, BidRequest, BidStrategy
 from shoal_compute.domain.capacity import Allocation, CapacityLedger
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
 from shoal_compute.domain.queue import ExecutorQueue
-from shoal_compute.domain.results import file_size, read_from
+from shoal_compute.domain.results import file_size, read_from, results_folder
 from shoal_compute.domain.runner import ExecutionRunner, effective_timeout
 from shoal_compute.executors.base import LogStream
 from shoal_compute.store.base import ExecutionStore
@@ -406,11 +406,12 @@ class ComputeNode:
     async def logs(self, query: LogsQuery) -> LogsAnswer:
         eid = query.execution_id
         running = eid in self._accepted
+        paths = self.runner.paths(eid)
         if not running:
             record = await self._store.find(eid)
             if record is None:
                 return LogsAnswer(execution_id=eid, error=f"execution {eid} is not on this node")
-        paths = self.runner.paths(eid)
+            await results_folder(record, paths.results)  # if it was kept in the row
         limit = max(0, min(query.max_bytes, self._max_log_bytes))
         final = not running
         active = self.runner.active.get(eid)

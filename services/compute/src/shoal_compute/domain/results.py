@@ -7,17 +7,25 @@ Layout, the same for every engine (the executors write the first three)::
                                                  /exitCode
                                                  /<output name>/...   one per output volume
     <state_dir>/executions/<execution id>/inputs/...                  downloads, removed after
+
+A run whose executor keeps its results in memory (noop) writes none of it: the folder's
+content is kept in the execution's row and written out by :func:`results_folder` the first
+time something reads it (content, logs), so most noop jobs never touch the disk (ADR 0030).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal_common.cid import FileCidBuilder, TreeCidBuilder
+from shoal_common.result_folder import EXIT_CODE, exit_code_bytes
 from shoal_common.spec import RunOutput, StorageSpec
-from shoal_compute.executors.base import Mount, RunResult
+from shoal_compute.domain.execution import ExecutionRecord
+from shoal_compute.executors.base import Mount, RunFiles, RunResult
 from shoal_compute.inputs.errors import InputError
 from shoal_compute.inputs.paths import check_output_name, check_target
 
@@ -52,13 +60,12 @@ def make_results_dir(results_dir: Path) -> None:
         results_dir.mkdir(parents=True, exist_ok=True)
 
 
-def prepare_outputs(outputs: Sequence[StorageSpec] | None, results_dir: Path) -> list[Mount]:
-    """Create one writable folder per output volume inside the results folder.
+def output_mounts(outputs: Sequence[StorageSpec] | None, results_dir: Path) -> list[Mount]:
+    """One writable folder per output volume inside the results folder (not created here).
 
-    Names are checked first (one plain segment, not reserved), so nothing a job names can
-    land outside its results folder.
+    Names are checked (one plain segment, not reserved, no two alike), so nothing a job names
+    can land outside its results folder.
     """
-    make_results_dir(results_dir)
     mounts: list[Mount] = []
     seen: set[str] = set()
     for spec in outputs or []:
@@ -67,9 +74,16 @@ def prepare_outputs(outputs: Sequence[StorageSpec] | None, results_dir: Path) ->
             raise InputError(f"two output volumes are named {name!r}")
         seen.add(name)
         target = check_target(spec.path or f"/outputs/{name}", f"output {name}")
-        folder = results_dir / name
-        folder.mkdir(exist_ok=True)
-        mounts.append(Mount(source=folder, target=target, read_only=False))
+        mounts.append(Mount(source=results_dir / name, target=target, read_only=False))
+    return mounts
+
+
+def prepare_outputs(outputs: Sequence[StorageSpec] | None, results_dir: Path) -> list[Mount]:
+    """:func:`output_mounts`, with the results folder and the output folders created."""
+    mounts = output_mounts(outputs, results_dir)
+    make_results_dir(results_dir)
+    for mount in mounts:
+        mount.source.mkdir(exist_ok=True)
     return mounts
 
 
@@ -88,6 +102,15 @@ def utf8_cut(data: bytes) -> int:
     return end
 
 
+def head_text(data: bytes, max_bytes: int) -> tuple[str, bool]:
+    """The first ``max_bytes`` of ``data`` as text (never cut inside a character), and
+    whether there was more."""
+    truncated = len(data) > max_bytes
+    if truncated:
+        data = data[: utf8_cut(data[:max_bytes])]
+    return data.decode("utf-8", errors="replace"), truncated
+
+
 def read_head(path: Path, max_bytes: int) -> tuple[str, bool]:
     """The first ``max_bytes`` of a file as text, and whether the file is longer."""
     try:
@@ -100,16 +123,17 @@ def read_head(path: Path, max_bytes: int) -> tuple[str, bool]:
             data += more  # (a file that grew since the fstat)
     finally:
         os.close(fd)
-    truncated = len(data) > max_bytes
-    if truncated:
-        data = data[: utf8_cut(data[:max_bytes])]
-    return data.decode("utf-8", errors="replace"), truncated
+    return head_text(data, max_bytes)
 
 
 def read_run_output(results_dir: Path, result: RunResult, max_bytes: int) -> RunOutput:
     """What the API shows of a run: stdout/stderr up to ``max_bytes`` each, with flags."""
-    stdout, stdout_truncated = read_head(results_dir / "stdout", max_bytes)
-    stderr, stderr_truncated = read_head(results_dir / "stderr", max_bytes)
+    if result.files is not None:  # the same, from a run whose results are in memory
+        stdout, stdout_truncated = head_text(result.files.stdout, max_bytes)
+        stderr, stderr_truncated = head_text(result.files.stderr, max_bytes)
+    else:
+        stdout, stdout_truncated = read_head(results_dir / "stdout", max_bytes)
+        stderr, stderr_truncated = read_head(results_dir / "stderr", max_bytes)
     return RunOutput(
         stdout=stdout,
         stdout_truncated=stdout_truncated,
@@ -142,3 +166,28 @@ def file_size(path: Path) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def address_files(files: RunFiles) -> tuple[str, int]:
+    """CID and content size of a results folder held in memory: what
+    :func:`shoal_common.cid.cid_and_size_of_path` gives once it is written out."""
+    tree = TreeCidBuilder()
+    for name, data in (
+        ("stdout", files.stdout),
+        ("stderr", files.stderr),
+        (EXIT_CODE, exit_code_bytes(files.exit_code)),
+    ):
+        content = FileCidBuilder()
+        content.update(data)
+        tree.add_file((name,), content)
+    for name in files.folders:
+        tree.add_dir((name,))
+    return tree.finish(), files.size
+
+
+async def results_folder(record: ExecutionRecord, folder: Path) -> Path:
+    """``folder``, the execution's results folder, written first from its row if the run's
+    results were kept in memory and nothing has read them yet."""
+    if record.result_files is not None:
+        await asyncio.to_thread(record.result_files.write_to, folder)
+    return folder

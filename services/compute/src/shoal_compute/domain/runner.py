@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ from shoal_compute.domain.capacity import Allocation
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
 from shoal_compute.domain.results import (
     ExecutionPaths,
+    address_files,
+    output_mounts,
     prepare_outputs,
     read_run_output,
     utf8_cut,
@@ -51,6 +53,8 @@ from shoal_compute.executors.base import (
     Executor,
     Limits,
     LogStream,
+    Mount,
+    RunFiles,
     RunResult,
 )
 from shoal_compute.inputs.fetcher import InputFetcher
@@ -221,8 +225,14 @@ class ExecutionRunner:
         if active.stopping or active.cancel_reason is not None:  # before it ever started
             raise asyncio.CancelledError
         active.phase = Phase.FETCHING
+        engine = spec.engine or Engine.NOOP
+        executor = self._executors.get(engine)
+        if executor is None:
+            return [self._failed(record, f"no executor for engine {engine.value}", True)]
+        # An executor that returns its results in memory gets no folders made for it (ADR 0030).
+        in_memory = getattr(executor, "results_in_memory", False)
         try:
-            outputs = prepare_outputs(spec.outputs, paths.results)
+            outputs = (output_mounts if in_memory else prepare_outputs)(spec.outputs, paths.results)
             wanted = job_inputs(spec)
             if wanted:
                 active.fetches_inputs = True
@@ -233,10 +243,6 @@ class ExecutionRunner:
                 inputs = []
         except ShoalError as exc:
             return [self._failed(record, exc.detail, exc.retryable)]
-        engine = spec.engine or Engine.NOOP
-        executor = self._executors.get(engine)
-        if executor is None:
-            return [self._failed(record, f"no executor for engine {engine.value}", True)]
         request = ExecutionRequest(
             execution_id=record.id,
             job=job,
@@ -263,7 +269,21 @@ class ExecutionRunner:
             # The executor ignored its own timeout; it has been cancelled by now.
             result = RunResult(exit_code=124, timed_out=True)
         active.phase = Phase.FINISHING
+        if in_memory:
+            result = await self._in_memory(result, outputs, paths.results)
         return [await self._outcome(active, result, timeout)]
+
+    async def _in_memory(
+        self, result: RunResult, outputs: list[Mount], results_dir: Path
+    ) -> RunResult:
+        """The run's results as the node keeps them: in memory (and the execution's row) when
+        small, else written out now like any executor's, so rows stay small."""
+        files = result.files or RunFiles(b"", b"", result.exit_code)
+        files = replace(files, folders=tuple(mount.source.name for mount in outputs))
+        if files.size <= _ROW_BYTES:
+            return replace(result, files=files)
+        await asyncio.to_thread(files.write_to, results_dir)
+        return replace(result, files=None)
 
     async def _outcome(
         self, active: Active, result: RunResult, timeout: float
@@ -283,7 +303,7 @@ class ExecutionRunner:
                 False,
                 run_output=run_output,
                 timed_out=True,
-                partial=await self._partial(record),
+                partial=await self._partial(record, result.files),
                 publisher=publisher,
             )
         if result.runner_error:
@@ -292,28 +312,30 @@ class ExecutionRunner:
                 result.runner_error,
                 True,
                 run_output=run_output,
-                partial=await self._partial(record),
+                partial=await self._partial(record, result.files),
                 publisher=publisher,
             )
-        return await self._proposed(record, job, run_output)
+        return await self._proposed(record, job, run_output, result.files)
 
-    async def _partial(self, record: ExecutionRecord) -> tuple[str, int] | None:
+    async def _partial(
+        self, record: ExecutionRecord, files: RunFiles | None
+    ) -> tuple[str, int, RunFiles | None] | None:
         """What a failed run wrote, content-addressed and served like a result (or None)."""
         results_dir = self.paths(record.id).results
         try:
-            cid, size = await _address(results_dir)
+            cid, size = await _address(results_dir, files)
         except (ValueError, OSError) as exc:  # refused content, or nothing was written
             log.info("partial_result_dropped", execution_id=record.id, reason=str(exc))
             return None
         self._cache.add_result(cid, results_dir)
-        return cid, size
+        return cid, size, files
 
     async def _proposed(
-        self, record: ExecutionRecord, job: Job, run_output: RunOutput
+        self, record: ExecutionRecord, job: Job, run_output: RunOutput, files: RunFiles | None
     ) -> tuple[LocalState, Event, dict[str, object]]:
         results_dir = self.paths(record.id).results
         try:
-            cid, size = await _address(results_dir)
+            cid, size = await _address(results_dir, files)
         except ValueError as exc:  # a symlink or device file in an output volume
             return self._failed(record, f"results refused: {exc}", False, run_output=run_output)
         self._cache.add_result(cid, results_dir)
@@ -333,6 +355,8 @@ class ExecutionRunner:
         )
         proposal = await self._seal(proposal)
         changes: dict[str, object] = {"result_cid": cid, "run_output": run_output}
+        if files is not None:
+            changes["result_files"] = files
         return LocalState.COMPLETED, proposal, changes
 
     # --- outcomes ---
@@ -345,10 +369,10 @@ class ExecutionRunner:
         *,
         run_output: RunOutput | None = None,
         timed_out: bool = False,
-        partial: tuple[str, int] | None = None,
+        partial: tuple[str, int, RunFiles | None] | None = None,
         publisher: PublisherSpec | None = None,
     ) -> tuple[LocalState, Event, dict[str, object]]:
-        cid, size = partial or (None, 0)
+        cid, size, files = partial or (None, 0, None)
         base = self._content_url() if cid else None
         event = ExecutionFailed(
             job_id=record.job_id,
@@ -366,6 +390,8 @@ class ExecutionRunner:
         changes: dict[str, object] = {"error": error, "run_output": run_output}
         if cid:
             changes["result_cid"] = cid  # so GET /content/{cid} finds it after a restart
+        if files is not None:
+            changes["result_files"] = files
         return LocalState.FAILED, event, changes
 
     def _cancelled(
@@ -440,14 +466,21 @@ def disk_full_reason(exc: BaseException, node_id: str) -> str | None:
     return None
 
 
+# In-memory results up to this big are kept in the execution's row; bigger ones are written
+# out at once (a row is read whole, and a noop run's output is usually a line).
+_ROW_BYTES = 64 * 1024
+
 # A results folder up to this big is content-addressed on the event loop: a handful of small
 # files (stdout, stderr, exitCode) take tens of microseconds, less than the hop to a thread.
 _INLINE_BYTES = 256 * 1024
 _INLINE_ENTRIES = 32
 
 
-async def _address(folder: Path) -> tuple[str, int]:
-    """CID and content size of a results folder (refuses symlinks and special files)."""
+async def _address(folder: Path, files: RunFiles | None = None) -> tuple[str, int]:
+    """CID and content size of a results folder (refuses symlinks and special files), or of
+    ``files`` when the run's results are in memory."""
+    if files is not None:
+        return address_files(files)
     small = cid_of_small_tree(folder, max_bytes=_INLINE_BYTES, max_entries=_INLINE_ENTRIES)
     if small is not None:
         return small

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from shoal_common.spec import Engine, Job
 from shoal_compute.executors.base import (
     BidCheck,
     ExecutionRequest,
     LogStream,
+    RunFiles,
     RunResult,
     write_run_files,
 )
@@ -70,7 +70,11 @@ def echo_output(job: Job) -> str:
 
 
 class NoopExecutor:
-    """:class:`Executor` that pretends; ``engine`` is whichever engine it stands in for."""
+    """:class:`Executor` that pretends; ``engine`` is whichever engine it stands in for.
+
+    Its runs write nothing: their results come back in ``RunResult.files`` (ADR 0030).
+    Unless a hook scripts the runs: a hook may write into the output folders, as a real job
+    does, so those runs get a results folder and write their files into it."""
 
     def __init__(
         self,
@@ -85,6 +89,10 @@ class NoopExecutor:
         self.hook = hook
         self._node_id = node_id
         self._cancels: dict[str, asyncio.Event] = {}
+
+    @property
+    def results_in_memory(self) -> bool:
+        return self.hook is None
 
     async def is_available(self) -> bool:
         return True
@@ -108,8 +116,7 @@ class NoopExecutor:
         if delay > 0:
             stopped = await self._wait(request, delay)
             if stopped is not None:
-                _write(request.results_dir, "", "", 137 if stopped.cancelled else 124)
-                return stopped
+                return self._finish(request, stopped, b"", b"")
 
         stdout = scripted.stdout if scripted.stdout is not None else b.stdout
         if stdout is None:
@@ -123,12 +130,22 @@ class NoopExecutor:
             "noop executor failed (node configured with fail_executions)" if b.fail else ""
         )
 
-        _write(request.results_dir, stdout, stderr, exit_code)
-        if stdout:
-            await request.log_sink(LogStream.STDOUT, stdout.encode())
-        if stderr:
-            await request.log_sink(LogStream.STDERR, stderr.encode())
-        return RunResult(exit_code=exit_code, runner_error=runner_error)
+        out, err = stdout.encode(), stderr.encode()
+        if out:
+            await request.log_sink(LogStream.STDOUT, out)
+        if err:
+            await request.log_sink(LogStream.STDERR, err)
+        result = RunResult(exit_code=exit_code, runner_error=runner_error)
+        return self._finish(request, result, out, err)
+
+    def _finish(
+        self, request: ExecutionRequest, result: RunResult, stdout: bytes, stderr: bytes
+    ) -> RunResult:
+        if self.results_in_memory:
+            return replace(result, files=RunFiles(stdout, stderr, result.exit_code))
+        # Small files, written synchronously: cheaper than a thread hop.
+        write_run_files(request.results_dir, stdout, stderr, result.exit_code)
+        return result
 
     async def _wait(self, request: ExecutionRequest, delay: float) -> RunResult | None:
         """Sleep ``delay`` unless cancelled or timed out first; None when it ran to the end."""
@@ -150,8 +167,3 @@ class NoopExecutor:
     async def close(self) -> None:
         for event in self._cancels.values():
             event.set()
-
-
-def _write(results_dir: Path, stdout: str, stderr: str, exit_code: int) -> None:
-    # Small files, written synchronously: cheaper than a thread hop on the hot path.
-    write_run_files(results_dir, stdout.encode(), stderr.encode(), exit_code)

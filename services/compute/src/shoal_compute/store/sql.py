@@ -27,12 +27,13 @@ from shoal_common.protocol import Capacity
 from shoal_common.spec import RunOutput
 from shoal_common.sqlite_store import GroupCommitEngine
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
+from shoal_compute.executors.base import RunFiles
 from shoal_compute.store.base import PublishFn, Relay
 from shoal_compute.store.tables import executions, outbox
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
-_CHANGEABLE = {"result_cid", "error", "run_output"}
+_CHANGEABLE = {"result_cid", "error", "run_output", "result_files"}
 
 
 def _row_to_record(row: Row[Any]) -> ExecutionRecord:
@@ -49,6 +50,7 @@ def _row_to_record(row: Row[Any]) -> ExecutionRecord:
         run_output=RunOutput.model_validate(orjson.loads(row.run_output))
         if row.run_output
         else None,
+        result_files=RunFiles.decode(row.result_files) if row.result_files else None,
         created=row.created,
         updated=row.updated,
     )
@@ -123,6 +125,7 @@ class SqlExecutionStore:
             "resources": orjson.dumps(record.resources.model_dump()),
             "run_output": _dump_run_output(record.run_output),
             "result_cid": record.result_cid,
+            "result_files": record.result_files.encode() if record.result_files else None,
             "error": record.error,
             "created": record.created,
             "updated": record.updated,
@@ -175,6 +178,8 @@ class SqlExecutionStore:
         }
         if "run_output" in changes:
             values["run_output"] = _dump_run_output(changes["run_output"])
+        if changes.get("result_files") is not None:
+            values["result_files"] = changes["result_files"].encode()
         for key in ("result_cid", "error"):
             if key in changes:
                 values[key] = changes[key]

@@ -21,6 +21,8 @@ executions = Table(
     Column("resources", LargeBinary, nullable=False),
     Column("run_output", LargeBinary, nullable=True),
     Column("result_cid", String(128), nullable=True),
+    # A run's results folder while it is kept in the row (RunFiles.encode, ADR 0030).
+    Column("result_files", LargeBinary, nullable=True),
     Column("error", Text, nullable=False, default=""),
     Column("created", Float, nullable=False),
     Column("updated", Float, nullable=False),
