@@ -53,11 +53,20 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def on(node_label: str) -> Spec:
-    spec = noop_spec()
+def on(node_label: str, spec: Spec | None = None) -> Spec:
+    spec = spec or writing()
     spec.node_selectors = [
         LabelSelector(Key="disk", Operator=SelectionOperator.EQUALS, Values=[node_label])
     ]
+    return spec
+
+
+def writing() -> Spec:
+    """A noop job whose output is bigger than a row keeps, so its node writes it to the
+    executions disk at once (ADR 0030): smaller results need no disk to complete."""
+    spec = noop_spec()
+    assert spec.docker is not None
+    spec.docker.entrypoint = ["echo", "f" * (64 * 1024)]
     return spec
 
 
@@ -79,9 +88,12 @@ def test_full_disk_fails_the_execution_clearly_and_loses_nothing(tmp_path: Path)
             reasons = [e.status for e in pinned.executions if e.node_id == "compute-0"]
             assert reasons, pinned
             assert all("disk full on node compute-0" in r for r in reasons), reasons
+            # A result small enough for its row needs no disk: that job completes there.
+            small = client.wait(client.submit(on("full", noop_spec())).metadata.id, timeout=30)
+            assert small.state.value == "Completed", small
 
             # Anywhere: what lands on the full node is re-placed; every job completes.
-            job_ids = [client.submit(noop_spec()).metadata.id for _ in range(8)]
+            job_ids = [client.submit(writing()).metadata.id for _ in range(8)]
             states = wait_all_terminal(client.state, job_ids, timeout=40)
             assert [s.state.value for s in states] == ["Completed"] * len(job_ids)
             for state in states:

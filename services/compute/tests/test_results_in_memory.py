@@ -4,6 +4,7 @@ and the folder appears, the same bytes under the same CID, the first time anythi
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 from pathlib import Path
 
@@ -125,3 +126,21 @@ async def test_a_timed_out_noop_run_keeps_its_partial_result_in_memory(
     assert record.result_files == RunFiles(b"", b"", 124)
     assert event.result_cid == address_files(RunFiles(b"", b"", 124))[0]
     assert not results_dir(node, eid).exists()
+
+
+async def test_a_result_that_cannot_be_written_out_is_unavailable_not_an_error(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node(serve_http=True)
+    event = await node.outcome(await node.run(noop_job()))
+    assert isinstance(event, ResultProposed)
+    assert event.result_url is not None
+
+    def full(self: RunFiles, folder: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunFiles, "write_to", full)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(event.result_url)
+    assert response.status_code == 503
+    assert "No space left on device" in response.json()["detail"]

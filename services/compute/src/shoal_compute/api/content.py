@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from shoal_common.cid import is_valid_cid
-from shoal_common.errors import InvalidInput, NotFound
+from shoal_common.errors import InvalidInput, NotFound, Unavailable
 from shoal_compute.adapters.content import ContentCache
 
 
@@ -32,7 +32,10 @@ router = APIRouter()
 async def get_content(cid: str, cache: CacheDep) -> Response:
     if not is_valid_cid(cid):
         raise InvalidInput(f"{cid!r} is not a valid CID")
-    found = await cache.locate(cid)
+    try:
+        found = await cache.locate(cid)
+    except OSError as exc:  # a result kept in its row could not be written out (disk full)
+        raise Unavailable(f"{cid} cannot be served now: {exc.strerror or exc}") from exc
     if found is None:
         raise NotFound(f"{cid} is not stored on this node")
     headers = {

@@ -43,7 +43,7 @@ from shoal_compute.domain.bidding import BidOutcome, BidRequest, BidStrategy
 from shoal_compute.domain.capacity import Allocation, CapacityLedger
 from shoal_compute.domain.execution import ExecutionRecord, LocalState
 from shoal_compute.domain.queue import ExecutorQueue
-from shoal_compute.domain.results import file_size, read_from, results_folder
+from shoal_compute.domain.results import file_size, read_from, text_from
 from shoal_compute.domain.runner import ExecutionRunner, effective_timeout
 from shoal_compute.executors.base import LogStream
 from shoal_compute.store.base import ExecutionStore
@@ -406,17 +406,22 @@ class ComputeNode:
     async def logs(self, query: LogsQuery) -> LogsAnswer:
         eid = query.execution_id
         running = eid in self._accepted
-        paths = self.runner.paths(eid)
+        kept: dict[LogStream, bytes] | None = None  # a finished run's row holds them (ADR 0030)
         if not running:
             record = await self._store.find(eid)
             if record is None:
                 return LogsAnswer(execution_id=eid, error=f"execution {eid} is not on this node")
-            await results_folder(record, paths.results)  # if it was kept in the row
+            files = record.result_files
+            if files is not None:
+                kept = {LogStream.STDOUT: files.stdout, LogStream.STDERR: files.stderr}
+        paths = self.runner.paths(eid)
         limit = max(0, min(query.max_bytes, self._max_log_bytes))
         final = not running
         active = self.runner.active.get(eid)
 
         async def read(stream: LogStream, offset: int) -> tuple[str, int]:
+            if kept is not None:
+                return text_from(kept[stream], offset, limit, final=final)
             if active is not None:
                 held = active.live.read(stream, offset, limit)
                 if held is not None:  # recent output, even if the executor buffers its file
@@ -425,11 +430,15 @@ class ComputeNode:
                 read_from, paths.stream(stream.value), offset, limit, final=final
             )
 
+        def size(stream: LogStream) -> int:
+            if kept is not None:
+                return len(kept[stream])
+            return file_size(paths.stream(stream.value))
+
         stdout, stdout_next = await read(LogStream.STDOUT, query.stdout_offset)
         stderr, stderr_next = await read(LogStream.STDERR, query.stderr_offset)
         finished = final and (
-            stdout_next >= file_size(paths.stream("stdout"))
-            and stderr_next >= file_size(paths.stream("stderr"))
+            stdout_next >= size(LogStream.STDOUT) and stderr_next >= size(LogStream.STDERR)
         )
         return LogsAnswer(
             execution_id=eid,

@@ -156,6 +156,16 @@ def read_from(path: Path, offset: int, max_bytes: int, *, final: bool) -> tuple[
             data = handle.read(max(0, max_bytes))
     except FileNotFoundError:
         return "", offset
+    return _text_at(data, offset, max_bytes, final=final)
+
+
+def text_from(content: bytes, offset: int, max_bytes: int, *, final: bool) -> tuple[str, int]:
+    """:func:`read_from` over a stream's whole ``content`` held in memory."""
+    start = max(0, offset)
+    return _text_at(content[start : start + max(0, max_bytes)], offset, max_bytes, final=final)
+
+
+def _text_at(data: bytes, offset: int, max_bytes: int, *, final: bool) -> tuple[str, int]:
     if data and (not final or len(data) == max_bytes):
         data = data[: utf8_cut(data)]
     return data.decode("utf-8", errors="replace"), max(0, offset) + len(data)
