@@ -745,7 +745,8 @@ class JobWatcher:
 
     async def _run(self) -> None:
         pool = HttpPool(self.api_url, limit=1)
-        request = pool.build("GET", "/api/v1/events/stream")
+        # Job-level rows only: the terminal states are all it wants (a third of the rows).
+        request = pool.build("GET", "/api/v1/events/stream?level=job")
         while True:
             try:
                 conn = await HttpConnection.open(pool.host, pool.port)

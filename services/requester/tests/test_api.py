@@ -692,6 +692,34 @@ async def test_event_stream_for_one_job(api: Api, key: ClientKey) -> None:
     assert all(e["JobID"] == job_id for e in events)
 
 
+async def test_event_stream_of_one_level(api: Api, key: ClientKey) -> None:
+    job_id = (await api.submit(key)).json()["job"]["Metadata"]["ID"]
+    await api.wait_done(job_id)
+    stored = await api.h.history(job_id)
+    for level, kind in (("job", "JobLevel"), ("execution", "ExecutionLevel")):
+        url = f"/api/v1/events/stream?job_id={job_id}&level={level}"
+        wanted = [r for r in stored if r.type.value == kind]
+        events = await asyncio.wait_for(_sse_events(api.http, url, until=len(wanted)), 5)
+        assert [(e["Type"], e["NewVersion"]) for e in events] == [(kind, r.version) for r in wanted]
+    bad = await api.http.get("/api/v1/events/stream?level=everything")
+    assert 400 <= bad.status_code < 500
+    assert bad.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.integration
+async def test_event_stream_of_job_level_rows_for_all_jobs(served: Api, key: ClientKey) -> None:
+    api = served
+    url = "/api/v1/events/stream?level=job"
+    reader = asyncio.create_task(_sse_events(api.http, url, until=6))
+    await wait_for(lambda: _subscribed(api))
+    ids = [(await api.submit(key)).json()["job"]["Metadata"]["ID"] for _ in range(2)]
+    events = await asyncio.wait_for(reader, 5)
+    assert {e["Type"] for e in events} == {"JobLevel"}
+    assert {e["JobID"] for e in events} == set(ids)
+    ended = [e["JobID"] for e in events if e["JobState"]["New"] == "Completed"]
+    assert sorted(ended) == sorted(ids)
+
+
 @pytest.mark.integration
 async def test_event_stream_for_all_jobs(served: Api, key: ClientKey) -> None:
     api = served

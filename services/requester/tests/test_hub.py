@@ -10,10 +10,10 @@ from shoal_requester.domain.hub import HistoryHub
 from shoal_requester.domain.model import HistoryRecord
 
 
-def _row(job_id: str, seq: int) -> HistoryRecord:
+def _row(job_id: str, seq: int, level: JobHistoryType = JobHistoryType.JOB_LEVEL) -> HistoryRecord:
     return HistoryRecord(
         job_id=job_id,
-        type=JobHistoryType.JOB_LEVEL,
+        type=level,
         new="InProgress",
         version=seq,
         time=datetime.now(UTC),
@@ -59,3 +59,14 @@ async def test_close_all_wakes_readers_and_unsubscribing_forgets_them() -> None:
         assert await asyncio.wait_for(reader, 1.0) == []
         assert hub.subscribers == 1
     assert hub.subscribers == 0
+
+
+async def test_a_reader_of_one_level_is_offered_only_its_rows() -> None:
+    hub = HistoryHub(max_queued=2)
+    execution = JobHistoryType.EXECUTION_LEVEL
+    with hub.subscribe(None, JobHistoryType.JOB_LEVEL) as sub:
+        hub.publish([_row("a", 1), _row("a", 2, execution), _row("a", 3, execution)])
+        hub.publish([_row("b", 4, execution), _row("b", 5)])
+        # Rows of the other level are not queued: they never count towards an overflow.
+        assert not sub.overflowed
+        assert [r.seq for r in await sub.next_batch(1.0)] == [1, 5]

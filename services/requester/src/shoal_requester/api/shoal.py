@@ -6,6 +6,7 @@ Errors here are RFC 9457 problem+json (shoal_common.httpapp).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
@@ -79,6 +80,17 @@ async def get_node(node_id: str, service: ServiceDep) -> Response:
     raise NotFound(f"node {node_id} not found")
 
 
+class StreamLevel(StrEnum):
+    JOB = "job"
+    EXECUTION = "execution"
+
+    @property
+    def history_type(self) -> JobHistoryType:
+        return (
+            JobHistoryType.JOB_LEVEL if self is StreamLevel.JOB else JobHistoryType.EXECUTION_LEVEL
+        )
+
+
 def _sse(row: HistoryRecord) -> bytes:
     data = orjson.dumps(wire.history(row)).decode()
     return f"id: {row.seq}\nevent: history\ndata: {data}\n\n".encode()
@@ -96,22 +108,31 @@ def _ends_job(row: HistoryRecord) -> bool:
 async def event_stream(
     service: ServiceDep,
     job_id: Annotated[str | None, Query(description="Only this job (full or short id)")] = None,
+    level: Annotated[
+        StreamLevel | None,
+        Query(
+            description="Only entries of this level: `job` (state changes of jobs) or `execution`"
+        ),
+    ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     """For one job: its history so far, then each new entry, ending after the job ends.
-    For all jobs: each entry as it is recorded, until the client goes away."""
+    For all jobs: each entry as it is recorded, until the client goes away. A watcher that
+    only wants jobs' states (a dashboard, a load generator) asks for ``level=job`` and is
+    sent about a third of the entries."""
     resolved = (await service.jobs.resolve(job_id)).id if job_id else None
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    wanted = level.history_type if level is not None else None
 
     async def stream() -> AsyncIterator[bytes]:
         last = after
-        with service.hub.subscribe(resolved) as sub:
+        with service.hub.subscribe(resolved, wanted) as sub:
             if resolved is not None:
                 # Subscribed first, then read the backlog: nothing falls in between, and the
                 # sequence numbers drop what both deliver.
                 _job, rows = await service.jobs.history(resolved)
                 for old in rows:
-                    if old.seq > last:
+                    if old.seq > last and (wanted is None or old.type is wanted):
                         last = old.seq
                         yield _sse(old)
                     if _ends_job(old):

@@ -7,11 +7,13 @@ import contextlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from shoal_common.spec import JobHistoryType
 from shoal_requester.domain.model import HistoryRecord
 
 
 class Subscription:
-    """Rows for one job (or all jobs when ``job_id`` is None), in commit order.
+    """Rows for one job (or all jobs when ``job_id`` is None), in commit order; with
+    ``level`` set, only the rows of that level (job-level rows: the job's state changes).
 
     A subscriber that falls ``max_queued`` rows behind is cut off (``overflowed``) rather than
     letting it hold memory or slow the writers; it can reconnect and catch up from the store.
@@ -19,8 +21,11 @@ class Subscription:
     row at once (one chunk on the wire), and a reader that is waiting costs no extra tasks.
     """
 
-    def __init__(self, job_id: str | None, max_queued: int) -> None:
+    def __init__(
+        self, job_id: str | None, max_queued: int, level: JobHistoryType | None = None
+    ) -> None:
         self.job_id = job_id
+        self.level = level
         self.max_queued = max_queued
         self.overflowed = False
         self.closed = asyncio.Event()
@@ -28,7 +33,7 @@ class Subscription:
         self._wake = asyncio.Event()
 
     def offer(self, row: HistoryRecord) -> None:
-        if self.overflowed:
+        if self.overflowed or (self.level is not None and row.type is not self.level):
             return
         if len(self._rows) >= self.max_queued:
             self.overflowed = True
@@ -74,8 +79,10 @@ class HistoryHub:
                 sub.offer(row)
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: str | None) -> Iterator[Subscription]:
-        sub = Subscription(job_id=job_id, max_queued=self._max_queued)
+    def subscribe(
+        self, job_id: str | None, level: JobHistoryType | None = None
+    ) -> Iterator[Subscription]:
+        sub = Subscription(job_id=job_id, max_queued=self._max_queued, level=level)
         self._by_job.setdefault(job_id, set()).add(sub)
         try:
             yield sub
