@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from shoal_common import telemetry
 from shoal_common.events import Envelope, Event
-from shoal_common.sqlite_store import GroupCommitEngine, LoopConnection
+from shoal_common.sqlite_store import GroupCommitEngine, LoopConnection, apply_pragmas
 
 # What a store runs on: SQLite through the group-commit engine, Postgres through asyncpg. Both
 # offer begin()/connect() and connections with execute()/begin_nested()/run_sync().
@@ -99,14 +99,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            # WAL + synchronous=FULL: every commit is fsynced, so a 2xx survives kill -9 and
-            # power loss; WAL keeps readers from blocking the single writer.
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+            apply_pragmas(dbapi_conn, 30_000)
 
         return engine
     engine = create_async_engine(

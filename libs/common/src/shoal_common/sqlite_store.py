@@ -207,6 +207,20 @@ DeferredDone = Callable[[BaseException | None], None]
 DeferredWork = Callable[["LoopConnection"], Awaitable[Any]]
 
 
+def apply_pragmas(dbapi_conn: Any, busy_timeout_ms: float) -> None:
+    """The settings every Shoal SQLite connection runs with.
+
+    WAL + synchronous=FULL: a commit is fsynced before it is acknowledged, so what a service
+    acknowledged survives kill -9 and power loss; readers run beside the single writer.
+    """
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
 class GroupCommitEngine:
     """See the module docstring. ``url`` is a ``sqlite[+driver]:///path`` URL."""
 
@@ -230,14 +244,7 @@ class GroupCommitEngine:
             # Transactions are issued explicitly (BEGIN IMMEDIATE / SAVEPOINT / COMMIT): the
             # driver's own implicit BEGIN would break savepoints.
             dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            # WAL + synchronous=FULL: a commit is fsynced before begin() returns, so what a
-            # service acknowledged survives kill -9 and power loss.
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+            apply_pragmas(dbapi_conn, busy_timeout_ms)
 
         self._writer: Connection | None = None
         self._in_group = False

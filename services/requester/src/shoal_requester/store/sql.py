@@ -57,6 +57,7 @@ from shoal_common.db import OutboxRelay, create_engine, is_sqlite, normalise_url
 from shoal_common.errors import Conflict, NotFound
 from shoal_common.events import Envelope
 from shoal_common.spec import ExecutionStateType, JobHistoryType, JobStateType
+from shoal_common.sqlite_store import apply_pragmas
 from shoal_requester.domain.model import (
     Changes,
     ExecutionRecord,
@@ -765,14 +766,7 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        # WAL + synchronous=FULL: every commit is fsynced (a 2xx survives kill -9 and power
-        # loss); WAL lets readers run beside the single writer.
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
+        apply_pragmas(dbapi_conn, _BUSY_TIMEOUT_MS)
 
     return engine
 
