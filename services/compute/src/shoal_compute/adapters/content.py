@@ -134,14 +134,18 @@ class ContentCache:
         if key is None:
             return None
         folder = self._results.get(key)
-        # A result kept in its execution's row (ADR 0030) has no folder until the lookup
-        # writes it.
-        unwritten = folder is None or not _is_dir(folder)
-        if unwritten and self._lookup is not None and not self._store.has(key):
+        if folder is not None and _is_dir(folder):
+            return Located(folder, "dir", in_store=False)
+        # Older than the index, or not written yet: a result kept in its execution's row
+        # (ADR 0030) gets its folder from the lookup, which may pick another execution with
+        # the same CID, so that folder is indexed for the next read.
+        if self._lookup is not None and not self._store.has(key):
             folder = await self._lookup(key)
-        if folder is not None:
-            # None if the results folder was removed behind our back.
-            return Located(folder, "dir", in_store=False) if _is_dir(folder) else None
+            if folder is not None:
+                if not _is_dir(folder):
+                    return None  # removed behind our back
+                self.add_result(key, folder)
+                return Located(folder, "dir", in_store=False)
         try:
             path = await asyncio.to_thread(self._store.path_of, key)
             kind = await asyncio.to_thread(self._store.kind_of, key)

@@ -304,6 +304,7 @@ class ExecutionRunner:
                 run_output=run_output,
                 timed_out=True,
                 partial=await self._partial(record, result.files),
+                files=result.files,
                 publisher=publisher,
             )
         if result.runner_error:
@@ -313,13 +314,14 @@ class ExecutionRunner:
                 True,
                 run_output=run_output,
                 partial=await self._partial(record, result.files),
+                files=result.files,
                 publisher=publisher,
             )
         return await self._proposed(record, job, run_output, result.files)
 
     async def _partial(
         self, record: ExecutionRecord, files: RunFiles | None
-    ) -> tuple[str, int, RunFiles | None] | None:
+    ) -> tuple[str, int] | None:
         """What a failed run wrote, content-addressed and served like a result (or None)."""
         results_dir = self.paths(record.id).results
         try:
@@ -328,7 +330,7 @@ class ExecutionRunner:
             log.info("partial_result_dropped", execution_id=record.id, reason=str(exc))
             return None
         self._cache.add_result(cid, results_dir)
-        return cid, size, files
+        return cid, size
 
     async def _proposed(
         self, record: ExecutionRecord, job: Job, run_output: RunOutput, files: RunFiles | None
@@ -369,10 +371,11 @@ class ExecutionRunner:
         *,
         run_output: RunOutput | None = None,
         timed_out: bool = False,
-        partial: tuple[str, int, RunFiles | None] | None = None,
+        partial: tuple[str, int] | None = None,
+        files: RunFiles | None = None,  # the results ``partial`` addresses, if in memory
         publisher: PublisherSpec | None = None,
     ) -> tuple[LocalState, Event, dict[str, object]]:
-        cid, size, files = partial or (None, 0, None)
+        cid, size = partial or (None, 0)
         base = self._content_url() if cid else None
         event = ExecutionFailed(
             job_id=record.job_id,
@@ -390,8 +393,8 @@ class ExecutionRunner:
         changes: dict[str, object] = {"error": error, "run_output": run_output}
         if cid:
             changes["result_cid"] = cid  # so GET /content/{cid} finds it after a restart
-        if files is not None:
-            changes["result_files"] = files
+            if files is not None:
+                changes["result_files"] = files
         return LocalState.FAILED, event, changes
 
     def _cancelled(
