@@ -1,4 +1,5 @@
-"""MetricsMiddleware: a plain ASGI middleware counting requests by route template."""
+"""MetricsMiddleware (a plain ASGI middleware counting requests by route template) and
+DirectRoutes (hot routes served without FastAPI's router)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import REGISTRY
 from starlette.types import Message
 
 from shoal_common import tracing
 from shoal_common.errors import NotFound
-from shoal_common.httpapp import MetricsMiddleware, install_error_handlers
+from shoal_common.httpapp import (
+    PROBLEM_JSON,
+    DirectRoute,
+    DirectRoutes,
+    MetricsMiddleware,
+    install_error_handlers,
+)
 
 _names = itertools.count()
 
@@ -190,3 +197,62 @@ async def test_server_spans_are_named_by_route_template(
     assert failed.attributes is not None
     assert failed.attributes["http.status_code"] == 500
     assert requests(service, "/jobs/{job_id}", 200) == 1
+
+
+def make_direct_app(service: str, calls: list[str]) -> FastAPI:
+    """/hot is served by DirectRoutes; /hot is also registered with FastAPI, answering
+    differently, so a test can tell which of the two served a request."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    async def hot(request: Request) -> Response:
+        calls.append(request.url.path)
+        kind = request.query_params.get("raise")
+        if kind == "shoal":
+            raise NotFound("no such hot thing")
+        if kind == "bug":
+            raise RuntimeError("a bug")
+        return PlainTextResponse(f"direct {(await request.body()).decode()}")
+
+    routes = {("POST", path): DirectRoute(path, hot) for path in ("/hot", "/v1/hot")}
+    app.add_middleware(DirectRoutes, routes=routes, exception_handlers=app.exception_handlers)
+    app.add_middleware(MetricsMiddleware, service=service)
+
+    @app.post("/hot")
+    async def routed() -> PlainTextResponse:
+        return PlainTextResponse("routed")
+
+    @app.get("/hot")
+    async def routed_get() -> PlainTextResponse:
+        return PlainTextResponse("routed get")
+
+    return app
+
+
+async def test_direct_routes_serve_exact_method_and_path_without_the_router(service: str) -> None:
+    calls: list[str] = []
+    async with client(make_direct_app(service, calls)) as http:
+        assert (await http.post("/hot", content=b"body")).text == "direct body"
+        assert (await http.post("/v1/hot", content=b"two")).text == "direct two"
+        # Any other method or path is the app's.
+        assert (await http.get("/hot")).text == "routed get"
+        assert (await http.post("/hot/")).status_code in (307, 404)
+    assert calls == ["/hot", "/v1/hot"]
+    # Counted under their own templates, as the router's routes are.
+    assert requests(service, "/hot", 200) == 2  # the direct POST and the routed GET
+    assert requests(service, "/v1/hot", 200) == 1
+
+
+async def test_direct_route_errors_go_to_the_apps_exception_handlers(service: str) -> None:
+    calls: list[str] = []
+    async with client(make_direct_app(service, calls)) as http:
+        missing = await http.post("/hot?raise=shoal")
+        bug = await http.post("/hot?raise=bug")
+    # NotFound is a ShoalError: install_error_handlers' problem+json, found by its class.
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == PROBLEM_JSON
+    assert missing.json()["detail"] == "no such hot thing"
+    # No handler: ServerErrorMiddleware's 500, counted as one, as from the router.
+    assert bug.status_code == 500
+    assert requests(service, "/hot", 404) == 1
+    assert requests(service, "/hot", 500) == 1

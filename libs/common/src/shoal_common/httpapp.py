@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -178,3 +180,64 @@ class MetricsMiddleware:
         children[0].inc()
         children[1].observe(time.perf_counter() - start)
         return template
+
+
+DirectHandler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class DirectRoute:
+    """A route :class:`DirectRoutes` serves. ``path`` is its template, as ``scope["route"]``
+    carries it for :class:`MetricsMiddleware`."""
+
+    path: str
+    handler: DirectHandler
+
+
+class DirectRoutes:
+    """Serves a few hot routes, by exact method and path, without FastAPI's router (ADR 0031).
+
+    FastAPI's route matching, dependency solving and its layers of exception wrapping cost the
+    requester about as much CPU as verifying and storing a submit. This layer sits inside
+    :class:`MetricsMiddleware` and the auth middleware, so a request here is let in, counted and
+    traced as before. An exception the handler raises goes to the app's exception handlers
+    (looked up by its class, as Starlette's ExceptionMiddleware does), and one without a handler
+    propagates to ServerErrorMiddleware, a 500, as it did from the router. Any other method or
+    path (a trailing slash, a HEAD) goes to the app unchanged.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Mapping[tuple[str, str], DirectRoute],
+        exception_handlers: Mapping[Any, Callable[..., Any]],
+    ) -> None:
+        self.app = app
+        self._routes = dict(routes)
+        # The app's own dict, read at request time: handlers added later are seen.
+        self._exception_handlers = exception_handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = (
+            self._routes.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
+        )
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route
+        request = Request(scope, receive, send)
+        try:
+            response = await route.handler(request)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+    def _handler_for(self, exc: Exception) -> Callable[..., Any] | None:
+        for cls in type(exc).__mro__:
+            handler = self._exception_handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None

@@ -9,6 +9,7 @@ from fastapi.openapi.utils import get_openapi
 
 from shoal_common.httpapp import (
     NO_FASTAPI_TELEMETRY,
+    DirectRoutes,
     MetricsMiddleware,
     health_router,
     install_error_handlers,
@@ -37,6 +38,10 @@ def create_app(service: RequesterService) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
+    # Innermost of the three: a direct route is let in, counted and traced like any other.
+    app.add_middleware(
+        DirectRoutes, routes=legacy.direct_routes(), exception_handlers=app.exception_handlers
+    )
     app.add_middleware(MetricsMiddleware, service="requester")
     if service.settings.api_auth is ApiAuth.PRIVATE:
         # Outermost: nothing runs for a request that is not let in.

@@ -84,23 +84,29 @@ def legacy_error(status: int, code: str, message: str) -> Response:
     return FastJSONResponse(body, status_code=status)
 
 
+def with_legacy_errors(
+    handler: Callable[[Request], Coroutine[Any, Any, Response]],
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """``handler`` answering Shoal's errors and bad signatures in the reference system's shape."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ShoalError as exc:
+            return legacy_error(exc.http_status, exc.code, exc.detail)
+        except SignatureError as exc:
+            # Go's words first (operators grep for them), then what exactly was wrong.
+            message = f"{exc.message}: {exc.detail}" if exc.detail else exc.message
+            return legacy_error(exc.http_status, "invalid_signature", message)
+
+    return answer
+
+
 class LegacyRoute(APIRoute):
     """Routes of the reference system's API: errors in its shape instead of problem+json."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        original = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            try:
-                return await original(request)
-            except ShoalError as exc:
-                return legacy_error(exc.http_status, exc.code, exc.detail)
-            except SignatureError as exc:
-                # Go's words first (operators grep for them), then what exactly was wrong.
-                message = f"{exc.message}: {exc.detail}" if exc.detail else exc.message
-                return legacy_error(exc.http_status, "invalid_signature", message)
-
-        return handler
+        return with_legacy_errors(super().get_route_handler())
 
 
 def body_schema(model: type[BaseModel], description: str = "") -> dict[str, Any]:

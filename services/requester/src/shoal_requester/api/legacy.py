@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from shoal_common.errors import InvalidInput, NotFound
+from shoal_common.httpapp import DirectRoute
 from shoal_common.signing import verify_signed_envelope
 from shoal_requester.api import wire
 from shoal_requester.api.common import (
@@ -25,6 +26,7 @@ from shoal_requester.api.common import (
     body_schema,
     parse_model,
     read_body,
+    with_legacy_errors,
 )
 from shoal_requester.api.schemas import (
     EventsRequest,
@@ -72,6 +74,20 @@ async def submit(request: Request, service: ServiceDep) -> Response:
         {"job": dict(job.job)},
         headers={JOB_ID_HEADER: job.id, CLIENT_ID_HEADER: job.client_id},
     )
+
+
+async def _submit_direct(request: Request) -> Response:
+    return await submit(request, request.app.state.service)
+
+
+def direct_routes() -> dict[tuple[str, str], DirectRoute]:
+    """The submit, served without FastAPI's router (ADR 0031): the one route every job takes.
+    The routes above stay registered, for the OpenAPI document and as the same behaviour."""
+    handler = with_legacy_errors(_submit_direct)
+    return {
+        ("POST", path): DirectRoute(path, handler)
+        for path in (f"{prefix}/requester/submit" for prefix in ("", "/api/v1"))
+    }
 
 
 @router.post(
