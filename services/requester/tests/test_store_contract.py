@@ -130,6 +130,22 @@ async def test_replayed_submit_key_returns_the_original(store: RequesterStore) -
     assert len(await store.list_jobs(JobQuery())) == 1
 
 
+async def test_replays_written_together_make_one_job(store: RequesterStore) -> None:
+    # Submitted at once: the SQLite writer commits them in one group, where the replays meet
+    # the original's row in the same transaction; on Postgres, concurrent transactions race
+    # (any one may win). Another key among them is unaffected.
+    replays = [make_job(submit_key="r" * 64) for _ in range(4)]
+    other = make_job(submit_key="o" * 64)
+    results = await asyncio.gather(*(store.create_job(j) for j in [*replays, other]))
+    assert [created for _, created in results[:4]].count(True) == 1
+    [winner] = {job.id for job, _ in results[:4]}
+    assert winner in {j.id for j in replays}
+    assert results[4][1]
+    assert results[4][0].id == other.id
+    assert len(await store.list_jobs(JobQuery())) == 2
+    assert [h.new for h in await store.list_history(winner)] == ["New"]
+
+
 async def test_job_compare_and_set(store: RequesterStore) -> None:
     job, _ = await store.create_job(make_job())
     now = utcnow()

@@ -324,7 +324,12 @@ _SELECT_JOB_EXECUTIONS = (
     .where(executions.c.job_id == bindparam("b_job"))
     .order_by(executions.c.created, executions.c.id)
 )
-_INSERT_JOB = insert(jobs)
+# A replayed submit (the same signed payload) conflicts on submit_key and inserts nothing:
+# one statement for a new submit, without looking for a replay first.
+_INSERT_JOB = {
+    "sqlite": sqlite_insert(jobs).on_conflict_do_nothing(index_elements=[jobs.c.submit_key]),
+    "postgresql": pg_insert(jobs).on_conflict_do_nothing(index_elements=[jobs.c.submit_key]),
+}
 _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
@@ -372,7 +377,6 @@ _UPDATE_EXECUTION = _compare_and_set(executions, _EXECUTION_FIELDS)
 
 
 _SQLITE = sqlite_dialect.dialect(paramstyle="qmark")
-_SQLITE_SUBMIT_KEY_TAKEN = "SELECT 1 FROM jobs WHERE submit_key = ?"
 
 
 @dataclass(frozen=True)
@@ -497,25 +501,14 @@ def _find_by_submit_key(conn: Connection, key: str) -> JobRecord | None:
     return _job(row) if row is not None else None
 
 
-def _submit_key_taken(conn: Connection, key: str) -> bool:
-    if conn.dialect.name != "sqlite":
-        return True  # let _find_by_submit_key say
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        return cursor.execute(_SQLITE_SUBMIT_KEY_TAKEN, (key,)).fetchone() is not None
-    except sqlite3.Error as exc:
-        raise _translated(exc, _SQLITE_SUBMIT_KEY_TAKEN, conn) from exc
-    finally:
-        cursor.close()
-
-
 def _create_job(conn: Connection, job: JobRecord, first: HistoryRecord) -> _Written:
-    # On SQLite a replay is looked for with a bare statement first: nearly every submit is new.
-    if job.submit_key is not None and _submit_key_taken(conn, job.submit_key):
+    inserted, _ = _run(conn, _INSERT_JOB[conn.dialect.name], _job_row(job))
+    if not inserted:  # only a submit_key conflict is ignored: this submit was made before
+        assert job.submit_key is not None
         existing = _find_by_submit_key(conn, job.submit_key)
-        if existing is not None:
-            return _Written((existing, False))
-    _run(conn, _INSERT_JOB, _job_row(job))
+        if existing is None:
+            raise Conflict(f"submit key {job.submit_key} conflicts, but no job holds it")
+        return _Written((existing, False))
     tags = sorted(set(job.annotations))
     if tags:
         _run(conn, _INSERT_TAGS, [{"job_id": job.id, "tag": t} for t in tags])
