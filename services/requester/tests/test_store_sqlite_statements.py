@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_common.events import Envelope, ExecutionsPlanned
-from shoal_common.spec import Deal, VerifierType
+from shoal_common.spec import Deal, ExecutionStateType, VerifierType
 from shoal_common.testing import wait_for
-from shoal_requester.domain.model import Changes
+from shoal_requester.domain.model import Changes, new_execution_update
 from shoal_requester.store.sql import (
     _HISTORY_COLUMNS,
     _INSERT_HISTORY,
@@ -26,13 +27,15 @@ from shoal_requester.store.sql import (
     _INSERT_OUTBOX,
     _UPDATE_JOB,
     SqlRequesterStore,
+    _find_job,
+    _list_executions,
     _run,
     _sqlite_datetime,
     _sqlite_params,
     _sqlite_statement,
 )
 from shoal_requester.store.tables import UTCDateTime
-from shoal_requester.testing import make_job
+from shoal_requester.testing import make_execution, make_job
 
 _DIALECT = sqlite_dialect.dialect()
 _DATETIME = UTCDateTime().dialect_impl(_DIALECT)
@@ -261,4 +264,59 @@ async def test_a_new_row_that_reuses_a_deleted_rows_seq_is_relayed(tmp_path: Pat
         assert published == ["first", "second"]
     finally:
         await store.stop_outbox()
+        await store.close()
+
+
+async def test_keyed_reads_on_the_driver_equal_sqlalchemys_reads(tmp_path: Path) -> None:
+    """find_job and small list_executions read on the bare driver (ADR 0031): the records are
+    the ones SQLAlchemy's reads of the same rows build, field for field."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    try:
+        moment = datetime(2026, 12, 5, 1, 2, 3, 456789, tzinfo=timezone(timedelta(hours=2)))
+        full = make_job(created=moment)
+        full = replace(
+            full,
+            timeout_at=moment + timedelta(minutes=5),
+            queue_deadline=moment + timedelta(seconds=30),
+            retries_used=2,
+            extra_executions=1,
+            status="waiting for a node",
+            submit_key="k" * 64,
+        )
+        bare = make_job()  # no deadlines, no submit key
+        for job in (full, bare):
+            await store.create_job(job)
+        ran = make_execution(
+            full,
+            "node-1",
+            state=ExecutionStateType.COMPLETED,
+            accepted_ask_for_bid=True,
+            run_output={"stdout": "hi\n", "exitCode": 0},
+            result_cid="bafy-result",
+            published={"StorageSource": "IPFS", "CID": "bafy-result"},
+            verification={"Complete": True, "Result": True},
+            retryable=False,
+        )
+        asked = make_execution(full, "node-2", state=ExecutionStateType.ASK_FOR_BID)
+        await store.apply(
+            Changes(executions=[new_execution_update(e, [(e.state, "")]) for e in (ran, asked)])
+        )
+
+        sync = store._sync
+        assert sync is not None
+        with sync.connect() as conn:
+            for job in (full, bare):
+                assert await store.find_job(job.id) == _find_job(conn, job.id)
+            assert await store.find_job("no-such-job") is None
+            for ids in ([full.id], [full.id, bare.id, full.id], [bare.id, "no-such-job"]):
+                assert await store.list_executions(ids) == _list_executions(conn, ids)
+        read = await store.find_job(full.id)
+        assert read is not None
+        assert read.timeout_at == moment + timedelta(minutes=5)
+        assert read.created.tzinfo is UTC
+        executions = (await store.list_executions([full.id]))[full.id]
+        assert [e.id for e in executions] == [ran.id, asked.id]
+        assert executions[0].verification == {"Complete": True, "Result": True}
+    finally:
         await store.close()

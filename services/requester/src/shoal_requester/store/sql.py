@@ -184,6 +184,52 @@ def _execution(row: Row[Any]) -> ExecutionRecord:
     )
 
 
+def _utc(text: str | None) -> datetime | None:
+    """A datetime column as UTCDateTime reads it from SQLite (naive UTC text)."""
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _job_of(values: Sequence[Any]) -> JobRecord:
+    """A ``jobs`` row in ``_JOB_COLUMNS`` order, straight from the SQLite driver."""
+    row = dict(zip(_JOB_COLUMNS, values, strict=True))
+    return JobRecord(
+        id=row["id"],
+        client_id=row["client_id"],
+        job=orjson.loads(row["job"]),
+        state=JobStateType(row["state"]),
+        version=row["version"],
+        created=_utc(row["created"]),  # type: ignore[arg-type]
+        updated=_utc(row["updated"]),  # type: ignore[arg-type]
+        timeout_at=_utc(row["timeout_at"]),
+        queue_deadline=_utc(row["queue_deadline"]),
+        retries_used=row["retries_used"],
+        extra_executions=row["extra_executions"],
+        status=row["status"],
+        submit_key=row["submit_key"],
+    )
+
+
+def _execution_of(values: Sequence[Any]) -> ExecutionRecord:
+    """An ``executions`` row in ``_EXECUTION_COLUMNS`` order, straight from the SQLite driver."""
+    row = dict(zip(_EXECUTION_COLUMNS, values, strict=True))
+    return ExecutionRecord(
+        id=row["id"],
+        job_id=row["job_id"],
+        node_id=row["node_id"],
+        state=ExecutionStateType(row["state"]),
+        version=row["version"],
+        accepted_ask_for_bid=bool(row["accepted_ask_for_bid"]),
+        status=row["status"],
+        run_output=_loads(row["run_output"]),
+        result_cid=row["result_cid"],
+        published=_loads(row["published"]),
+        verification=_loads(row["verification"]),
+        retryable=bool(row["retryable"]),
+        created=_utc(row["created"]),  # type: ignore[arg-type]
+        updated=_utc(row["updated"]),  # type: ignore[arg-type]
+    )
+
+
 def _history_row(h: HistoryRecord) -> dict[str, Any]:
     return {
         "job_id": h.job_id,
@@ -330,6 +376,23 @@ _INSERT_JOB = {
     "sqlite": sqlite_insert(jobs).on_conflict_do_nothing(index_elements=[jobs.c.submit_key]),
     "postgresql": pg_insert(jobs).on_conflict_do_nothing(index_elements=[jobs.c.submit_key]),
 }
+# The keyed reads every event and placement makes (a job, its executions) on the SQLite
+# driver: SQLAlchemy's execution context, result set-up and type processing cost several times
+# the indexed lookup itself (ADR 0031). The columns are named, so the tuples' order is fixed.
+_JOB_COLUMNS = tuple(c.name for c in jobs.columns)
+_EXECUTION_COLUMNS = tuple(c.name for c in executions.columns)
+_SQLITE_FIND_JOB = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?"
+
+
+@functools.lru_cache(maxsize=_KEYED_READ_JOBS)
+def _sqlite_executions_of(count: int) -> str:
+    marks = ", ".join("?" * count)
+    return (
+        f"SELECT {', '.join(_EXECUTION_COLUMNS)} FROM executions "
+        f"WHERE job_id IN ({marks}) ORDER BY created, id"
+    )
+
+
 _INSERT_TAGS = insert(job_tags)
 _INSERT_EXECUTIONS = insert(executions)
 _INSERT_OUTBOX = insert(outbox)
@@ -817,6 +880,7 @@ class SqlRequesterStore:
         self._readers: ThreadPoolExecutor | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._writer_conn: Connection | None = None
+        self._keyed: Any = None  # the loop's driver connection for keyed reads (_keyed_rows)
         self._queue: list[tuple[_Op, asyncio.Future[_Written]]] = []
         self._relayed: list[int] = []  # outbox rows relayed, deleted with the next group
         self._wake = asyncio.Event()
@@ -850,6 +914,9 @@ class SqlRequesterStore:
         if self._readers is not None:
             self._readers.shutdown(wait=True)
             self._readers = None
+        if self._keyed is not None:
+            self._keyed.close()  # back to the pool, disposed with it
+            self._keyed = None
         if self._sync is not None:
             self._sync.dispose()
             self._sync = None
@@ -893,6 +960,27 @@ class SqlRequesterStore:
             raise RuntimeError("store not open")
         with self._sync.connect() as conn:
             return query(conn)
+
+    def _keyed_rows(self, text: str, params: Sequence[Any]) -> list[Any]:
+        """On SQLite: a keyed read run here, on the driver (see ``_read_by_key``).
+
+        The connection is the loop's own, kept open: a pool checkout and its reset on return
+        cost more than the lookup. Outside a transaction, each SELECT reads the last commit,
+        and the snapshot ends with the statement (all rows fetched, cursor closed).
+        """
+        if self._sync is None:
+            raise RuntimeError("store not open")
+        if self._keyed is None:
+            self._keyed = self._sync.raw_connection()
+        cursor = self._keyed.cursor()
+        try:
+            return list(cursor.execute(text, params).fetchall())
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(
+                text, None, exc, sqlite3.Error, dialect=self._sync.dialect
+            ) from exc
+        finally:
+            cursor.close()
 
     async def _write(self, op: _Op, *, on_ordered: Callable[[], None] | None = None) -> Any:
         if not self._sqlite:
@@ -1078,6 +1166,9 @@ class SqlRequesterStore:
         await self._read_by_key(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
 
     async def find_job(self, job_id: str) -> JobRecord | None:
+        if self._sqlite:
+            rows = self._keyed_rows(_SQLITE_FIND_JOB, (job_id,))
+            return _job_of(rows[0]) if rows else None
         return await self._read_by_key(lambda conn: _find_job(conn, job_id))
 
     async def get_job(self, job_id: str) -> JobRecord:
@@ -1150,6 +1241,13 @@ class SqlRequesterStore:
         if not job_ids:
             return {}
         if len(job_ids) <= _KEYED_READ_JOBS:
+            if self._sqlite:
+                wanted = list(dict.fromkeys(job_ids))
+                out: dict[str, list[ExecutionRecord]] = {j: [] for j in wanted}
+                for values in self._keyed_rows(_sqlite_executions_of(len(wanted)), wanted):
+                    record = _execution_of(values)
+                    out[record.job_id].append(record)
+                return out
             return await self._read_by_key(lambda conn: _list_executions(conn, job_ids))
         return await self._read(lambda conn: _list_executions(conn, job_ids))
 
