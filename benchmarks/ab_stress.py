@@ -2,6 +2,11 @@
 
     uv run python benchmarks/ab_stress.py --b . --a /tmp/ab-old --rounds 3 --jobs 4000
     uv run python benchmarks/ab_stress.py --a . --b . --b-env SHOAL_X=1
+    uv run python benchmarks/ab_stress.py --load requester-cpu --a /tmp/ab-old --b . --rounds 3
+
+``--load requester-cpu`` compares the requester's CPU per job in one process instead
+(benchmarks/requester_cpu.py, this checkout's copy run by each side's Python): steadier than a
+devstack's figures, for changes to the requester's own code.
 
 A change worth a few percent cannot be seen in one run after another on this VM: its speed
 drifts by 10-20% within minutes, and a run right after a mass deletion pays for it (docs/
@@ -33,8 +38,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import KEEP_STATE_ENV, STATE_ROOT_ENV
 
-FIGURES = ("mean_ms", "p99_ms", "jobs_per_s", "cpu_ms_per_job", "nats_msgs_per_job")
+FIGURES = {
+    "stress": ("mean_ms", "p99_ms", "jobs_per_s", "cpu_ms_per_job", "nats_msgs_per_job"),
+    "requester-cpu": ("cpu_us_per_job", "jobs_per_s"),
+}
 HIGHER_IS_BETTER = {"jobs_per_s"}
+REQUESTER_CPU = Path(__file__).resolve().parent / "requester_cpu.py"
 
 
 def with_cpu_per_job(figures: dict[str, Any]) -> dict[str, Any]:
@@ -72,18 +81,12 @@ def stress_once(side: Side, args: argparse.Namespace, state_root: Path) -> dict[
     script = side.checkout / "benchmarks" / "stress.py"
     results = side.checkout / "benchmarks" / "results" / "stress.jsonl"
     before = results.read_bytes() if results.exists() else None
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
-        json_out = Path(out.name)
     env = {**os.environ, STATE_ROOT_ENV: str(state_root), KEEP_STATE_ENV: "1", **side.env}
     command = [str(python), str(script), "--jobs", str(args.jobs)]
-    command += ["--concurrency", str(args.concurrency), "--json-out", str(json_out)]
+    command += ["--concurrency", str(args.concurrency)]
     try:
-        done = subprocess.run(command, cwd=side.checkout, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{side.name}: stress.py failed\n{done.stdout}\n{done.stderr}")
-        figures = with_cpu_per_job(json.loads(json_out.read_text()))
+        figures = with_cpu_per_job(run_json(side, command, env))
     finally:
-        json_out.unlink(missing_ok=True)
         if before is None:
             results.unlink(missing_ok=True)
         else:
@@ -92,11 +95,41 @@ def stress_once(side: Side, args: argparse.Namespace, state_root: Path) -> dict[
     return figures
 
 
-def summary(a: Side, b: Side) -> list[str]:
+def requester_cpu_once(side: Side, args: argparse.Namespace, state_root: Path) -> dict[str, Any]:
+    """One in-process requester run (benchmarks/requester_cpu.py) on ``side``'s packages."""
+    python = side.checkout / ".venv" / "bin" / "python"
+    command = [str(python), str(REQUESTER_CPU), "--jobs", str(args.jobs)]
+    env = {**os.environ, **side.env}
+    figures = run_json(side, command, env)
+    side.runs.append(figures)
+    return figures
+
+
+def run_json(side: Side, command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run a benchmark with ``--json-out`` in ``side``'s checkout; its figures."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
+        json_out = Path(out.name)
+    try:
+        done = subprocess.run(
+            [*command, "--json-out", str(json_out)],
+            cwd=side.checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"{side.name}: {command[1]} failed\n{done.stdout}\n{done.stderr}")
+        figures: dict[str, Any] = json.loads(json_out.read_text())
+        return figures
+    finally:
+        json_out.unlink(missing_ok=True)
+
+
+def summary(a: Side, b: Side, figures: tuple[str, ...]) -> list[str]:
     """Per figure: B - A per round (mean of each side's two runs), median, rounds B won."""
     lines = []
     rounds = len(a.runs) // 2
-    for fig in FIGURES:
+    for fig in figures:
         higher_is_better = fig in HIGHER_IS_BETTER
         diffs = []
         for r in range(rounds):
@@ -121,7 +154,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=4000)
     p.add_argument("--concurrency", type=int, default=10)
+    p.add_argument("--load", choices=sorted(FIGURES), default="stress")
     args = p.parse_args()
+    once = requester_cpu_once if args.load == "requester-cpu" else stress_once
+    figures_shown = FIGURES[args.load]
     a = Side("A", args.a.resolve(), parse_env(args.a_env))
     b = Side("B", args.b.resolve(), parse_env(args.b_env))
     for side in (a, b):
@@ -133,14 +169,14 @@ def main() -> None:
     try:
         for r in range(1, args.rounds + 1):
             for side in (a, b, b, a):
-                figures = stress_once(side, args, state_root)
-                shown = "  ".join(f"{fig} {figures[fig]}" for fig in FIGURES)
+                figures = once(side, args, state_root)
+                shown = "  ".join(f"{fig} {figures[fig]}" for fig in figures_shown)
                 print(f"round {r} {side.name}: {shown}", flush=True)
     finally:
         # Removed once, at the end: deleting between runs would slow the next one (docs/
         # benchmarks.md). Leave the machine a few minutes before timing anything else.
         shutil.rmtree(state_root, ignore_errors=True)
-    for line in summary(a, b):
+    for line in summary(a, b, figures_shown):
         print(line)
 
 
