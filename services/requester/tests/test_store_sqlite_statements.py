@@ -19,7 +19,7 @@ from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_common.events import Envelope, ExecutionsPlanned
 from shoal_common.spec import Deal, ExecutionStateType, VerifierType
 from shoal_common.testing import wait_for
-from shoal_requester.domain.model import Changes, new_execution_update
+from shoal_requester.domain.model import Changes, JobUpdate, new_execution_update
 from shoal_requester.store.sql import (
     _HISTORY_COLUMNS,
     _INSERT_HISTORY,
@@ -318,5 +318,33 @@ async def test_keyed_reads_on_the_driver_equal_sqlalchemys_reads(tmp_path: Path)
         executions = (await store.list_executions([full.id]))[full.id]
         assert [e.id for e in executions] == [ran.id, asked.id]
         assert executions[0].verification == {"Complete": True, "Result": True}
+    finally:
+        await store.close()
+
+
+async def test_a_read_job_keeps_its_parsed_model_until_its_text_changes(tmp_path: Path) -> None:
+    """Keyed reads reuse the parsed Job of the record written or read last for that id (ADR
+    0031), and only while the stored JSON is the one it was parsed from."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    try:
+        created, _ = await store.create_job(make_job())
+        model = created.model  # parsed once, on the record the submit wrote
+        read = await store.find_job(created.id)
+        assert read is not None
+        assert read.__dict__.get("model") is model  # not parsed again
+        assert read.spec == created.spec
+
+        changed_job = {**created.job, "APIVersion": "V1beta2"}
+        changed = replace(created, job=changed_job, version=created.version + 1)
+        await store.apply(Changes(jobs=[JobUpdate(before=created, after=changed)]))
+        again = await store.find_job(created.id)
+        assert again is not None
+        assert "model" not in again.__dict__  # new text: parsed anew, when asked
+        assert again.job == changed_job
+        assert again.model.api_version == "V1beta2"
+        third = await store.find_job(created.id)
+        assert third is not None
+        assert third.__dict__.get("model") is again.model  # and kept from then on
     finally:
         await store.close()

@@ -20,7 +20,9 @@ import contextlib
 import functools
 import operator
 import sqlite3
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,11 +112,44 @@ def _loads(text: str | None) -> Any:
 # --- rows <-> records ----------------------------------------------------------------------------
 
 
+class _ParsedJobs:
+    """The parsed forms of jobs written or read lately, by id (ADR 0031).
+
+    A job's wire JSON is written at submit and rarely changes after. Parsing it again on every
+    read cost more than the read: orjson, then the Job model the first time anything looks at
+    the spec (~0.2 ms). A read takes the parsed forms of the record remembered for its id only
+    while the stored text is the text that record was made from. Records share them already
+    (``JobRecord.evolve``); nothing changes a record's job in place.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[str, JobRecord]] = OrderedDict()
+        self._lock = threading.Lock()  # the writer thread's fallback paths write jobs too
+
+    def remember(self, text: str, record: JobRecord) -> None:
+        with self._lock:
+            self._entries[record.id] = (text, record)
+            self._entries.move_to_end(record.id)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def made_from(self, job_id: str, text: str) -> JobRecord | None:
+        hit = self._entries.get(job_id)
+        return hit[1] if hit is not None and hit[0] == text else None
+
+
+# Jobs in flight at 500 jobs/s are a few hundred; an entry holds one parsed Job.
+_PARSED_JOBS = _ParsedJobs(2048)
+
+
 def _job_row(job: JobRecord) -> dict[str, Any]:
+    text = orjson.dumps(dict(job.job)).decode()
+    _PARSED_JOBS.remember(text, job)
     return {
         "id": job.id,
         "client_id": job.client_id,
-        "job": _dumps(dict(job.job)),
+        "job": text,
         "state": job.state.value,
         "version": job.version,
         "created": job.created,
@@ -192,10 +227,12 @@ def _utc(text: str | None) -> datetime | None:
 def _job_of(values: Sequence[Any]) -> JobRecord:
     """A ``jobs`` row in ``_JOB_COLUMNS`` order, straight from the SQLite driver."""
     row = dict(zip(_JOB_COLUMNS, values, strict=True))
-    return JobRecord(
+    text = row["job"]
+    earlier = _PARSED_JOBS.made_from(row["id"], text)
+    record = JobRecord(
         id=row["id"],
         client_id=row["client_id"],
-        job=orjson.loads(row["job"]),
+        job=orjson.loads(text) if earlier is None else earlier.job,
         state=JobStateType(row["state"]),
         version=row["version"],
         created=_utc(row["created"]),  # type: ignore[arg-type]
@@ -207,6 +244,12 @@ def _job_of(values: Sequence[Any]) -> JobRecord:
         status=row["status"],
         submit_key=row["submit_key"],
     )
+    if earlier is not None:
+        for parsed in ("model", "resources"):
+            if parsed in earlier.__dict__:
+                record.__dict__[parsed] = earlier.__dict__[parsed]
+    _PARSED_JOBS.remember(text, record)  # what is parsed on it later is kept too
+    return record
 
 
 def _execution_of(values: Sequence[Any]) -> ExecutionRecord:
