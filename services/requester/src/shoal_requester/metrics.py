@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from weakref import WeakSet
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -12,6 +13,15 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from shoal_requester.domain.inventory import Inventory
+
+
+@functools.cache
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once: ``labels`` takes a lock and builds its key on
+    every call, and the hot paths label every event, stage and finished job. Label values here
+    come from small fixed sets (event types, states, stages, answers), never ids."""
+    return metric.labels(*values)
+
 
 JOBS_SUBMITTED = Counter("shoal_requester_jobs_submitted_total", "Jobs accepted at submit")
 SUBMITS_REFUSED = Counter(

@@ -1013,7 +1013,7 @@ class Orchestrator:
             released = self._inventory.release(execution_id) or released
         if effects.finished is not None:
             self._pending.pop(job.id, None)
-            metrics.JOBS_FINISHED.labels(state=effects.finished.state.value).inc()
+            metrics.labelled(metrics.JOBS_FINISHED, effects.finished.state.value).inc()
             metrics.JOB_DURATION.observe(
                 max(0.0, (effects.finished.updated - effects.finished.created).total_seconds())
             )
@@ -1084,7 +1084,7 @@ class Orchestrator:
 
     async def handle_event(self, event: Event, *, event_id: str) -> None:
         """Apply one lifecycle event (idempotent on ``event_id``)."""
-        metrics.EVENTS_HANDLED.labels(type=event.type).inc()
+        metrics.labelled(metrics.EVENTS_HANDLED, event.type).inc()
         if isinstance(event, VerificationEscalated):
             await self._escalate(event, event_id)
         elif isinstance(event, VerificationFailed):
@@ -1548,17 +1548,11 @@ def _output(run_output: RunOutput | None) -> dict[str, Any] | None:
     return run_output.model_dump(by_alias=True) if run_output is not None else None
 
 
-# Labelled metric children used on every placement, looked up once (``labels`` costs a lock
-# and a dict lookup per call).
-_BIDDING_STAGE = metrics.JOB_STAGE.labels(stage="bidding")
-_BIDS_BY_ANSWER: dict[str, Any] = {}
+_BIDDING_STAGE = metrics.labelled(metrics.JOB_STAGE, "bidding")
 
 
 def _bids_counter(kind: str) -> Any:
-    counter = _BIDS_BY_ANSWER.get(kind)
-    if counter is None:
-        counter = _BIDS_BY_ANSWER[kind] = metrics.BIDS.labels(answer=kind)
-    return counter
+    return metrics.labelled(metrics.BIDS, kind)
 
 
 # Execution stage left -> metric stage name (``shoal_requester_job_stage_seconds``).
@@ -1581,14 +1575,14 @@ def _observe_stages(changes: Changes, queue_timeout: float) -> None:
         for i, state in enumerate(passed):
             stage = _STAGE_OF.get(state)
             if stage is not None:
-                metrics.JOB_STAGE.labels(stage=stage).observe(spent if i == 0 else 0.0)
+                metrics.labelled(metrics.JOB_STAGE, stage).observe(spent if i == 0 else 0.0)
     for ju in changes.jobs:
         if ju.before.state is JS.QUEUED and ju.after.state is not JS.QUEUED:
             deadline = ju.before.queue_deadline
             if deadline is not None:
                 entered = deadline - timedelta(seconds=queue_timeout)
                 spent = (ju.after.updated - entered).total_seconds()
-                metrics.JOB_STAGE.labels(stage="queued").observe(max(0.0, spent))
+                metrics.labelled(metrics.JOB_STAGE, "queued").observe(max(0.0, spent))
 
 
 def _observe_standing(standing: dict[str, NodeStanding]) -> None:
@@ -1599,4 +1593,4 @@ def _observe_standing(standing: dict[str, NodeStanding]) -> None:
             ("rejected", delta.rejected),
         ):
             if n:
-                metrics.NODE_OUTCOMES.labels(outcome=outcome).inc(n)
+                metrics.labelled(metrics.NODE_OUTCOMES, outcome).inc(n)
