@@ -163,22 +163,33 @@ def _job_row(job: JobRecord) -> dict[str, Any]:
     }
 
 
-def _job(row: Row[Any]) -> JobRecord:
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _job_record(
+    row: Mapping[Any, Any], job: Mapping[str, Any], when: Callable[[Any], Any]
+) -> JobRecord:
+    """A ``jobs`` row as a record; ``job`` is its parsed wire JSON, ``when`` reads a datetime."""
     return JobRecord(
-        id=row.id,
-        client_id=row.client_id,
-        job=orjson.loads(row.job),
-        state=JobStateType(row.state),
-        version=row.version,
-        created=row.created,
-        updated=row.updated,
-        timeout_at=row.timeout_at,
-        queue_deadline=row.queue_deadline,
-        retries_used=row.retries_used,
-        extra_executions=row.extra_executions,
-        status=row.status,
-        submit_key=row.submit_key,
+        id=row["id"],
+        client_id=row["client_id"],
+        job=job,
+        state=JobStateType(row["state"]),
+        version=row["version"],
+        created=when(row["created"]),
+        updated=when(row["updated"]),
+        timeout_at=when(row["timeout_at"]),
+        queue_deadline=when(row["queue_deadline"]),
+        retries_used=row["retries_used"],
+        extra_executions=row["extra_executions"],
+        status=row["status"],
+        submit_key=row["submit_key"],
     )
+
+
+def _job(row: Row[Any]) -> JobRecord:
+    return _job_record(row._mapping, orjson.loads(row.job), _as_is)
 
 
 def _execution_row(e: ExecutionRecord) -> dict[str, Any]:
@@ -200,61 +211,8 @@ def _execution_row(e: ExecutionRecord) -> dict[str, Any]:
     }
 
 
-def _execution(row: Row[Any]) -> ExecutionRecord:
-    return ExecutionRecord(
-        id=row.id,
-        job_id=row.job_id,
-        node_id=row.node_id,
-        state=ExecutionStateType(row.state),
-        version=row.version,
-        accepted_ask_for_bid=bool(row.accepted_ask_for_bid),
-        status=row.status,
-        run_output=_loads(row.run_output),
-        result_cid=row.result_cid,
-        published=_loads(row.published),
-        verification=_loads(row.verification),
-        retryable=bool(row.retryable),
-        created=row.created,
-        updated=row.updated,
-    )
-
-
-def _utc(text: str | None) -> datetime | None:
-    """A datetime column as UTCDateTime reads it from SQLite (naive UTC text)."""
-    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
-def _job_of(values: Sequence[Any]) -> JobRecord:
-    """A ``jobs`` row in ``_JOB_COLUMNS`` order, straight from the SQLite driver."""
-    row = dict(zip(_JOB_COLUMNS, values, strict=True))
-    text = row["job"]
-    earlier = _PARSED_JOBS.made_from(row["id"], text)
-    record = JobRecord(
-        id=row["id"],
-        client_id=row["client_id"],
-        job=orjson.loads(text) if earlier is None else earlier.job,
-        state=JobStateType(row["state"]),
-        version=row["version"],
-        created=_utc(row["created"]),  # type: ignore[arg-type]
-        updated=_utc(row["updated"]),  # type: ignore[arg-type]
-        timeout_at=_utc(row["timeout_at"]),
-        queue_deadline=_utc(row["queue_deadline"]),
-        retries_used=row["retries_used"],
-        extra_executions=row["extra_executions"],
-        status=row["status"],
-        submit_key=row["submit_key"],
-    )
-    if earlier is not None:
-        for parsed in ("model", "resources"):
-            if parsed in earlier.__dict__:
-                record.__dict__[parsed] = earlier.__dict__[parsed]
-    _PARSED_JOBS.remember(text, record)  # what is parsed on it later is kept too
-    return record
-
-
-def _execution_of(values: Sequence[Any]) -> ExecutionRecord:
-    """An ``executions`` row in ``_EXECUTION_COLUMNS`` order, straight from the SQLite driver."""
-    row = dict(zip(_EXECUTION_COLUMNS, values, strict=True))
+def _execution_record(row: Mapping[Any, Any], when: Callable[[Any], Any]) -> ExecutionRecord:
+    """An ``executions`` row as a record; ``when`` reads a datetime."""
     return ExecutionRecord(
         id=row["id"],
         job_id=row["job_id"],
@@ -268,9 +226,37 @@ def _execution_of(values: Sequence[Any]) -> ExecutionRecord:
         published=_loads(row["published"]),
         verification=_loads(row["verification"]),
         retryable=bool(row["retryable"]),
-        created=_utc(row["created"]),  # type: ignore[arg-type]
-        updated=_utc(row["updated"]),  # type: ignore[arg-type]
+        created=when(row["created"]),
+        updated=when(row["updated"]),
     )
+
+
+def _execution(row: Row[Any]) -> ExecutionRecord:
+    return _execution_record(row._mapping, _as_is)
+
+
+def _utc(text: str | None) -> datetime | None:
+    """A datetime column as UTCDateTime reads it from SQLite (naive UTC text)."""
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _job_of(values: Sequence[Any]) -> JobRecord:
+    """A ``jobs`` row in ``_JOB_COLUMNS`` order, straight from the SQLite driver."""
+    row = dict(zip(_JOB_COLUMNS, values, strict=True))
+    text = row["job"]
+    earlier = _PARSED_JOBS.made_from(row["id"], text)
+    record = _job_record(row, orjson.loads(text) if earlier is None else earlier.job, _utc)
+    if earlier is not None:
+        for parsed in ("model", "resources"):
+            if parsed in earlier.__dict__:
+                record.__dict__[parsed] = earlier.__dict__[parsed]
+    _PARSED_JOBS.remember(text, record)  # what is parsed on it later is kept too
+    return record
+
+
+def _execution_of(values: Sequence[Any]) -> ExecutionRecord:
+    """An ``executions`` row in ``_EXECUTION_COLUMNS`` order, straight from the SQLite driver."""
+    return _execution_record(dict(zip(_EXECUTION_COLUMNS, values, strict=True)), _utc)
 
 
 def _history_row(h: HistoryRecord) -> dict[str, Any]:
@@ -586,15 +572,15 @@ def _run(
             cursor.execute(statement.text, _sqlite_params(statement, rows[0]))
         return int(cursor.rowcount), []
     except sqlite3.Error as exc:
-        raise _translated(exc, statement.text, conn) from exc
+        raise _translated(exc, statement.text, conn.dialect) from exc
     finally:
         cursor.close()
 
 
-def _translated(exc: sqlite3.Error, text: str, conn: Connection) -> BaseException:
+def _translated(exc: sqlite3.Error, text: str, dialect: Any) -> BaseException:
     """The SQLAlchemy exception SQLAlchemy would have raised (IntegrityError, OperationalError,
     ...): callers catch those, e.g. shoal_common.db.DATABASE_UNAVAILABLE."""
-    return DBAPIError.instance(text, None, exc, sqlite3.Error, dialect=conn.dialect)
+    return DBAPIError.instance(text, None, exc, sqlite3.Error, dialect=dialect)
 
 
 def _find_job(conn: Connection, job_id: str) -> JobRecord | None:
@@ -686,7 +672,7 @@ def _flush_history(conn: Connection, queue: list[list[HistoryRecord]]) -> None:
         cursor.executemany(statement.text, values)
         (last,) = cursor.execute("SELECT last_insert_rowid()").fetchone()
     except sqlite3.Error as exc:
-        raise _translated(exc, statement.text, conn) from exc
+        raise _translated(exc, statement.text, conn.dialect) from exc
     finally:
         cursor.close()
     # The records were made for this transaction and nobody has seen them yet: their seq is
@@ -1019,9 +1005,7 @@ class SqlRequesterStore:
         try:
             return list(cursor.execute(text, params).fetchall())
         except sqlite3.Error as exc:
-            raise DBAPIError.instance(
-                text, None, exc, sqlite3.Error, dialect=self._sync.dialect
-            ) from exc
+            raise _translated(exc, text, self._sync.dialect) from exc
         finally:
             cursor.close()
 
