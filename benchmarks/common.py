@@ -169,6 +169,9 @@ class Environment:
         self._groups = {name: set(pids) for name, pids in groups.items()}
         self._groups.setdefault("generator", set()).add(os.getpid())
         self._samples: list[float] = []
+        # (seconds since start, steal cores, iowait cores) per 1 s sample: where a run stalled,
+        # whether the hypervisor or the disk was the cause.
+        self.timeline: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start_load = loadavg()
@@ -206,6 +209,11 @@ class Environment:
         t = psutil.cpu_times()
         return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
+    @property
+    def started(self) -> float:
+        """``time.monotonic()`` when sampling began (the timeline's zero)."""
+        return self._t0
+
     def __enter__(self) -> Environment:
         self._t0 = time.monotonic()
         self._busy0 = self._machine_busy()
@@ -214,8 +222,19 @@ class Environment:
         return self
 
     def _run(self) -> None:
+        before, at = psutil.cpu_times(), time.monotonic()
         while not self._stop.wait(1.0):
             self._samples.append(os.getloadavg()[0])
+            now, t = psutil.cpu_times(), time.monotonic()
+            span = max(1e-9, t - at)
+            self.timeline.append(
+                (
+                    t - self._t0,
+                    (getattr(now, "steal", 0.0) - getattr(before, "steal", 0.0)) / span,
+                    (getattr(now, "iowait", 0.0) - getattr(before, "iowait", 0.0)) / span,
+                )
+            )
+            before, at = now, t
             # Children that exit are not counted by cpu_times of a live tree: sample them late.
             self._last = self._group_cpu()
 
@@ -238,6 +257,16 @@ class Environment:
             "loadavg_1m_max": round(max(samples), 2),
             **{f"{k}_cpu_cores": round(v / self.elapsed, 2) for k, v in self.cpu.items()},
             "other_cpu_cores": round(max(0.0, self.busy - own) / self.elapsed, 2),
+            "steal_cores_max_1s": round(max((s for _, s, _ in self.timeline), default=0.0), 2),
+            "iowait_cores_max_1s": round(max((w for _, _, w in self.timeline), default=0.0), 2),
+        }
+
+    def around(self, at: float, width: float = 2.0) -> dict[str, float]:
+        """The most steal and iowait (cores) sampled within ``width`` s of ``at`` (run time)."""
+        near = [(s, w) for t, s, w in self.timeline if abs(t - at) <= width]
+        return {
+            "steal_cores": round(max((s for s, _ in near), default=0.0), 2),
+            "iowait_cores": round(max((w for _, w in near), default=0.0), 2),
         }
 
 

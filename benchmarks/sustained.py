@@ -51,6 +51,41 @@ from benchmarks.openloop import Plan, Run, Stream, stream_figures
 
 # Seconds after the first arrival before completions count towards the achieved rate.
 _SETTLE_S = 10.0
+_P99_GOAL_MS = 250.0
+
+
+def steady_rate(ended_at: list[float], t0: float, span_end: float) -> float:
+    """Completions per second in steady state: jobs that ended between a settling edge after
+    the first arrival (t0) and the end of the schedule (or the early stop), over that span.
+
+    Counted from t0, a run that keeps up reads low by the first jobs' latency; counted to the
+    poll after the last send, low by up to half a second more.
+    """
+    span_start = t0 + min(_SETTLE_S, (span_end - t0) / 4)
+    ended = sum(1 for at in ended_at if span_start < at <= span_end)
+    return ended / max(1e-9, span_end - span_start)
+
+
+def tail_seconds(
+    by_second: dict[int, list[float]], offset: float, env: Environment, worst: int = 5
+) -> dict[str, Any]:
+    """Where the tail came from: how many seconds of arrivals had a job over the p99 goal, and
+    the worst few, each with the steal and iowait the machine showed around it. A backlog that
+    builds slowly spreads its slow jobs over many seconds; a stall puts them in a few."""
+    goal_s = _P99_GOAL_MS / 1000
+    ranked = sorted(by_second.items(), key=lambda item: max(item[1]), reverse=True)
+    return {
+        "seconds_over_p99_goal": sum(1 for lat in by_second.values() if max(lat) > goal_s),
+        "worst_seconds": [
+            {
+                "at_s": second,
+                "max_ms": round(max(lat) * 1000, 1),
+                "jobs_over_goal": sum(1 for x in lat if x > goal_s),
+                **env.around(second + offset),
+            }
+            for second, lat in ranked[:worst]
+        ],
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -115,16 +150,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                             )
                     t_stop = time.monotonic()
                     sent = await run.join()
-                # Steady state: completions between a settling edge and the end of the
-                # schedule (or the early stop), over that span. Counting from t0 would miss the
-                # first jobs' latency, and t_stop trails the schedule by up to a poll, so even a
-                # perfect system read below the offered rate that way.
                 span_end = min(t_stop, t0 + count / args.rate)
-                span_start = t0 + min(_SETTLE_S, (span_end - t0) / 4)
-                ended_in_span = sum(
-                    1
-                    for at, _ in list(watcher.ended.values())[ended_before:]
-                    if span_start < at <= span_end
+                achieved = steady_rate(
+                    [at for at, _ in list(watcher.ended.values())[ended_before:]], t0, span_end
                 )
                 job_ids = [s.job_id for s in sent if s.status == 200 and s.job_id]
                 deadline = time.monotonic() + args.drain
@@ -145,6 +173,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     window = max(1e-9, t_stop - t0)
     submit_errors = [s for s in sent if s.status != 200]
     latencies, unknown, not_completed, unfinished = [], 0, 0, 0
+    by_second: dict[int, list[float]] = {}  # scheduled second of the run -> latencies
     by_index = {s.job_id: s for s in sent if s.job_id}
     for job_id in job_ids:
         end = watcher.ended.get(job_id)
@@ -155,9 +184,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         elif math.isnan(end[0]):
             unknown += 1
         else:
-            latencies.append(end[0] - by_index[job_id].scheduled)
+            scheduled = by_index[job_id].scheduled
+            latencies.append(end[0] - scheduled)
+            by_second.setdefault(int(scheduled - t0), []).append(end[0] - scheduled)
     failures = len(submit_errors) + not_completed + unfinished
-    achieved = ended_in_span / max(1e-9, span_end - span_start)
     ok = not stopped_early and failures == 0 and achieved >= 0.99 * args.rate
     return {
         "offered_rate": args.rate,
@@ -183,6 +213,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "polled_after_overflow": polled,
         "compute_nodes": args.compute_nodes,
         **env.figures(),
+        **tail_seconds(by_second, t0 - env.started, env),
         "submit_errors_sample": [f"HTTP {s.status} {s.job_id[:120]}" for s in submit_errors[:5]],
     }
 
