@@ -185,8 +185,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             unknown += 1
         else:
             scheduled = by_index[job_id].scheduled
-            latencies.append(end[0] - scheduled)
-            by_second.setdefault(int(scheduled - t0), []).append(end[0] - scheduled)
+            latency = end[0] - scheduled
+            latencies.append(latency)
+            by_second.setdefault(int(scheduled - t0), []).append(latency)
     failures = len(submit_errors) + not_completed + unfinished
     ok = not stopped_early and failures == 0 and achieved >= 0.99 * args.rate
     return {
