@@ -17,7 +17,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from shoal_common.db import DATABASE_UNAVAILABLE
 from shoal_common.events import Envelope, ExecutionsPlanned
-from shoal_common.spec import Deal, ExecutionStateType, VerifierType
+from shoal_common.spec import Deal, ExecutionStateType, JobStateType, VerifierType
 from shoal_common.testing import wait_for
 from shoal_requester.domain.model import Changes, JobUpdate, new_execution_update
 from shoal_requester.store.sql import (
@@ -27,6 +27,7 @@ from shoal_requester.store.sql import (
     _INSERT_OUTBOX,
     _UPDATE_JOB,
     SqlRequesterStore,
+    _expired_jobs,
     _find_job,
     _list_executions,
     _run,
@@ -348,3 +349,115 @@ async def test_a_read_job_keeps_its_parsed_model_until_its_text_changes(tmp_path
         assert third.__dict__.get("model") is again.model  # and kept from then on
     finally:
         await store.close()
+
+
+async def test_jobs_without_a_deadline_stay_out_of_the_deadline_indexes(tmp_path: Path) -> None:
+    """ADR 0033: the deadline indexes are partial. A job without a deadline has no entry (a
+    NULL key cost a page moved on every commit that set one); a ``<= now`` term can still use
+    them, and the expiry query scans no table."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}")
+    await store.open()
+    past = datetime(2026, 1, 1, tzinfo=UTC)
+    now = past + timedelta(days=1)
+    try:
+        for _ in range(3):
+            await store.create_job(make_job())
+        timed_out, _ = await store.create_job(
+            make_job(state=JobStateType.IN_PROGRESS, timeout_at=past)
+        )
+        queued_too_long, _ = await store.create_job(
+            make_job(state=JobStateType.QUEUED, queue_deadline=past)
+        )
+
+        def entries(conn: Any, index: str) -> int:
+            sql = "SELECT coalesce(sum(ncell), 0) FROM dbstat WHERE name = ? AND pagetype = 'leaf'"
+            return int(conn.exec_driver_sql(sql, (index,)).scalar())
+
+        def plan(conn: Any) -> str:
+            compiled = _expired_jobs(now, 10).compile(
+                dialect=_DIALECT, compile_kwargs={"render_postcompile": True}
+            )
+            unbound = (None,) * len(compiled.positiontup or ())  # a plan needs no values
+            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", unbound).all()
+            return " | ".join(str(row[-1]) for row in rows)
+
+        def usable(conn: Any, index: str, column: str) -> int:
+            # INDEXED BY fails ("no query solution") if the partial index cannot serve the term.
+            sql = f"SELECT count(*) FROM jobs INDEXED BY {index} WHERE {column} <= ?"
+            return int(conn.exec_driver_sql(sql, (_sqlite_datetime(now),)).scalar())
+
+        assert await store._read(lambda conn: entries(conn, "ix_jobs_timeout_at")) == 1
+        assert await store._read(lambda conn: entries(conn, "ix_jobs_queue_deadline")) == 1
+        assert await store._read(lambda c: usable(c, "ix_jobs_timeout_at", "timeout_at")) == 1
+        assert (
+            await store._read(lambda c: usable(c, "ix_jobs_queue_deadline", "queue_deadline")) == 1
+        )
+        query_plan = await store._read(plan)
+        assert "SCAN jobs" not in query_plan, query_plan  # an index serves each term
+        expired = {job.id for job in await store.list_expired_jobs(now)}
+        assert expired == {timed_out.id, queued_too_long.id}
+    finally:
+        await store.close()
+
+
+async def _group_sizes(tmp_path: Path, spacing_s: float) -> list[int]:
+    """Group sizes for a pair of writes, then eight more trickling in 20 ms apart."""
+    store = SqlRequesterStore(
+        f"sqlite:///{tmp_path / f'spaced-{spacing_s}.db'}", commit_spacing_s=spacing_s
+    )
+    await store.open()
+    sizes: list[int] = []
+    commit_group = store._commit_group
+
+    async def counted(ops: list[Any]) -> list[Any]:
+        sizes.append(len(ops))
+        return await commit_group(ops)
+
+    store._commit_group = counted  # type: ignore[method-assign]
+    try:
+        writes = [asyncio.create_task(store.create_job(make_job())) for _ in range(2)]
+        for _ in range(8):
+            await asyncio.sleep(0.02)
+            writes.append(asyncio.create_task(store.create_job(make_job())))
+        await asyncio.wait_for(asyncio.gather(*writes), 10)
+    finally:
+        await store.close()
+    return sizes
+
+
+async def test_under_load_a_group_commit_waits_for_more_writes(tmp_path: Path) -> None:
+    """ADR 0033: after a group of two or more, the next commit starts no sooner than the
+    spacing after it, so writes trickling in share one commit (one page per B-tree) instead
+    of one each."""
+    assert await _group_sizes(tmp_path, 0.5) == [2, 8]
+    assert len(await _group_sizes(tmp_path, 0.0)) >= 3  # unspaced: they go one by one
+
+
+async def test_one_write_at_a_time_never_waits_for_the_spacing(tmp_path: Path) -> None:
+    """Groups of one are not load: one job at a time pays no spacing (target 1's latency)."""
+    store = SqlRequesterStore(f"sqlite:///{tmp_path / 'requester.db'}", commit_spacing_s=1.0)
+    await store.open()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(5):
+            await store.create_job(make_job())
+        assert loop.time() - started < 1.0
+    finally:
+        await store.close()
+
+
+def test_commit_spacing_is_off_unless_set_and_reaches_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADR 0033: a closed loop pays for the spacing, so it is the operator's choice."""
+    from shoal_requester.service import RequesterService
+    from shoal_requester.settings import RequesterSettings
+
+    default = RequesterService(RequesterSettings(state_dir=tmp_path / "a"))
+    assert isinstance(default.store, SqlRequesterStore)
+    assert default.store._commit_spacing_s == 0.0
+    monkeypatch.setenv("SHOAL_REQUESTER_COMMIT_SPACING_MS", "4")
+    spaced = RequesterService(RequesterSettings(state_dir=tmp_path / "b"))
+    assert isinstance(spaced.store, SqlRequesterStore)
+    assert spaced.store._commit_spacing_s == pytest.approx(0.004)

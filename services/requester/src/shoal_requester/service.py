@@ -67,7 +67,9 @@ class RequesterService:
         self.node_id = settings.node_id or "requester"
         self._bus = bus
         self._owns_bus = bus is None
-        self.store: RequesterStore = store or SqlRequesterStore(settings.db_url("requester"))
+        self.store: RequesterStore = store or SqlRequesterStore(
+            settings.db_url("requester"), commit_spacing_s=settings.commit_spacing_ms / 1000
+        )
         self.inventory = Inventory(lost_after=settings.node_lost_after)
         metrics.watch_nodes(self.inventory)
         self.hub = HistoryHub()

@@ -89,6 +89,9 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _CHUNK = 500
 # Writes committed together at most (SQLite group commit).
 _MAX_BATCH = 256
+# With ``commit_spacing_s`` set, only a group this large counts as load: one job at a time
+# (groups of one) never waits for the spacing.
+_SPACED_FROM_GROUP = 2
 _READ_THREADS = 4
 # How long a connection waits for SQLite's write lock; the writer's statements on the event loop
 # never wait (see SqlRequesterStore._commit_group).
@@ -890,15 +893,36 @@ def _compare_and_set_all(
         raise Conflict(f"{what} {ids} changed since it was read")
 
 
+def _expired_jobs(now: datetime, limit: int) -> Any:
+    """Jobs past their timeout or queue deadline; each term is served by its partial index."""
+    return (
+        select(jobs)
+        .where(
+            or_(
+                and_(
+                    jobs.c.timeout_at <= now,
+                    jobs.c.state.in_([JobStateType.IN_PROGRESS.value, JobStateType.QUEUED.value]),
+                ),
+                and_(jobs.c.queue_deadline <= now, jobs.c.state == JobStateType.QUEUED.value),
+            )
+        )
+        .order_by(jobs.c.created)
+        .limit(limit)
+    )
+
+
 # --- the store -----------------------------------------------------------------------------------
 
 
 class SqlRequesterStore:
     """:class:`~shoal_requester.store.base.RequesterStore` on SQLite or Postgres."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, commit_spacing_s: float = 0.0) -> None:
         self._url = url
         self._migrate = migrate
+        # SQLite: under load, a group commit starts at least this long after the one before
+        # (RequesterSettings.commit_spacing_ms; ADR 0033). Off by default.
+        self._commit_spacing_s = commit_spacing_s
         self._sqlite = is_sqlite(url)
         self._fanout = HistoryFanout()
         self._relay: OutboxRelay | None = None
@@ -1026,11 +1050,19 @@ class SqlRequesterStore:
 
     async def _write_loop(self) -> None:
         assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        last_start, last_size = 0.0, 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue or self._relayed:
+                if last_size >= _SPACED_FROM_GROUP and self._commit_spacing_s:
+                    # Writes queued meanwhile join this group: fewer, fuller commits.
+                    wait = last_start + self._commit_spacing_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 batch = [(op, fut) for op, fut in self._queue[:_MAX_BATCH] if not fut.done()]
+                last_start, last_size = loop.time(), len(batch)
                 del self._queue[:_MAX_BATCH]
                 if not batch:
                     if self._relayed:  # only relayed rows to delete (an idle moment)
@@ -1239,22 +1271,7 @@ class SqlRequesterStore:
         return await self._read(lambda conn: [_job(r) for r in conn.execute(stmt).all()])
 
     async def list_expired_jobs(self, now: datetime, *, limit: int = 1000) -> list[JobRecord]:
-        stmt = (
-            select(jobs)
-            .where(
-                or_(
-                    and_(
-                        jobs.c.timeout_at <= now,
-                        jobs.c.state.in_(
-                            [JobStateType.IN_PROGRESS.value, JobStateType.QUEUED.value]
-                        ),
-                    ),
-                    and_(jobs.c.queue_deadline <= now, jobs.c.state == JobStateType.QUEUED.value),
-                )
-            )
-            .order_by(jobs.c.created)
-            .limit(limit)
-        )
+        stmt = _expired_jobs(now, limit)
         return await self._read(lambda conn: [_job(r) for r in conn.execute(stmt).all()])
 
     async def find_execution(self, execution_id: str) -> ExecutionRecord | None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
     true,
 )
 from sqlalchemy.types import TypeDecorator
@@ -75,8 +76,21 @@ jobs = Table(
     Index("ix_jobs_client_created", "client_id", "created"),
     Index("ix_jobs_created", "created"),
     Index("ix_jobs_state", "state"),
-    Index("ix_jobs_timeout_at", "timeout_at"),
-    Index("ix_jobs_queue_deadline", "queue_deadline"),
+    # Partial: only jobs that have the deadline. Rows without one used to sit in the index as
+    # NULL keys, so setting it moved an entry between two pages on every commit (ADR 0033).
+    # The expiry query (``timeout_at <= now``) implies ``IS NOT NULL`` and still uses them.
+    Index(
+        "ix_jobs_timeout_at",
+        "timeout_at",
+        sqlite_where=text("timeout_at IS NOT NULL"),
+        postgresql_where=text("timeout_at IS NOT NULL"),
+    ),
+    Index(
+        "ix_jobs_queue_deadline",
+        "queue_deadline",
+        sqlite_where=text("queue_deadline IS NOT NULL"),
+        postgresql_where=text("queue_deadline IS NOT NULL"),
+    ),
 )
 
 # Annotations, one row each, so include/exclude tag filters are plain indexed SQL.
