@@ -87,7 +87,7 @@ class RequesterSettings(ServiceSettings):
     # after the one before it (ms; 0 = off), like Postgres's commit_delay. Every commit writes
     # a page of each B-tree its group touches, so fuller commits write less: at 500 jobs/s
     # open loop, 4 ms took the WAL from 24 to 16 pages per job and the devstack's CPU down by
-    # 14-19%, but a closed loop (stress, concurrency 10) waits for it: mean +9-19% (ADR 0033).
+    # 14-24%, but a closed loop (stress, concurrency 10) waits for it: mean +9-19% (ADR 0033).
     commit_spacing_ms: float = Field(0.0, ge=0, le=100)
     # Replacement rounds after failed executions or refused bids (0 = never retry).
     max_retries: int = Field(3, ge=0)
