@@ -417,7 +417,7 @@ async def _group_sizes(tmp_path: Path, spacing_s: float) -> list[int]:
     try:
         writes = [asyncio.create_task(store.create_job(make_job())) for _ in range(2)]
         for _ in range(8):
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the arrivals' schedule (the input), not a wait on state
             writes.append(asyncio.create_task(store.create_job(make_job())))
         await asyncio.wait_for(asyncio.gather(*writes), 10)
     finally:

@@ -51,6 +51,17 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _index_where_set(name: str, column: str) -> Index:
+    """A partial index of the rows where ``column`` is set, on both backends.
+
+    For the deadlines: rows without one used to sit in the index as NULL keys, so setting it
+    moved an entry between two pages on every commit (ADR 0033). A query's ``column <= x``
+    implies ``IS NOT NULL``, so it can still use the index.
+    """
+    where = text(f"{column} IS NOT NULL")
+    return Index(name, column, sqlite_where=where, postgresql_where=where)
+
+
 metadata = new_metadata()
 
 ID = String(64)
@@ -76,21 +87,8 @@ jobs = Table(
     Index("ix_jobs_client_created", "client_id", "created"),
     Index("ix_jobs_created", "created"),
     Index("ix_jobs_state", "state"),
-    # Partial: only jobs that have the deadline. Rows without one used to sit in the index as
-    # NULL keys, so setting it moved an entry between two pages on every commit (ADR 0033).
-    # The expiry query (``timeout_at <= now``) implies ``IS NOT NULL`` and still uses them.
-    Index(
-        "ix_jobs_timeout_at",
-        "timeout_at",
-        sqlite_where=text("timeout_at IS NOT NULL"),
-        postgresql_where=text("timeout_at IS NOT NULL"),
-    ),
-    Index(
-        "ix_jobs_queue_deadline",
-        "queue_deadline",
-        sqlite_where=text("queue_deadline IS NOT NULL"),
-        postgresql_where=text("queue_deadline IS NOT NULL"),
-    ),
+    _index_where_set("ix_jobs_timeout_at", "timeout_at"),
+    _index_where_set("ix_jobs_queue_deadline", "queue_deadline"),
 )
 
 # Annotations, one row each, so include/exclude tag filters are plain indexed SQL.
