@@ -124,7 +124,10 @@ TARGETS = [
             Row("failures", "failures", "", 0),
             Row("p99", "p99_ms", "ms", 250),
         ],
-        "achieved_rate",
+        # The p99 picks the median run: offered open loop at 500/s, a run that keeps up
+        # reads 500.0 (ADR 0032), so the rates tie and their sort picked a run arbitrarily
+        # (ADR 0034). The p99 is the figure that varies from run to run.
+        "p99_ms",
     ),
     Target(
         "4",
