@@ -450,6 +450,9 @@ def median_run(target: Target, runs: list[dict[str, Any]]) -> dict[str, Any]:
     good.sort(key=lambda r: _num(r[target.headline]) or 0.0)
     chosen = dict(good[(len(good) - 1) // 2])
     chosen["_runs"] = [r.get(target.headline) for r in runs]
+    # Kept with the figures: a row recorded before its target's headline changed still shows
+    # its three values beside the figure that picked it (ADR 0034).
+    chosen["_headline"] = target.headline
     return chosen
 
 
@@ -542,7 +545,8 @@ def render(state: dict[str, Any], quick: bool) -> str:
             continue
         other = figs.get("other_cpu_cores", figs.get("n10_other_cpu_cores", "-"))
         load = f"{_load(figs)} / {other} / {figs.get('_speed_ms', '-')}"
-        unit = next((r.unit for r in t.rows if r.key == t.headline), "")
+        headline = figs.get("_headline", t.headline)
+        unit = next((r.unit for r in t.rows if r.key == headline), "")
         runs = ", ".join(_fmt(r, unit) for r in figs.get("_runs", [])) or "1 run"
         for i, row in enumerate(t.rows):
             value = figs.get(row.key)
@@ -570,7 +574,7 @@ def render(state: dict[str, Any], quick: bool) -> str:
                         met,
                         row.reference_text,
                         _vs_reference(row, value),
-                        (runs if row.key == t.headline else ""),
+                        (runs if row.key == headline else ""),
                         load if first else "",
                         date if first else "",
                         cmd if first else "",
