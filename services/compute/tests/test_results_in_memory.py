@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
-import secrets
 from pathlib import Path
 
 import httpx
 import pytest
 
-from shoal_common.cid import TreeCidBuilder, cid_and_size_of_path
+from shoal_common.cid import cid_and_size_of_path
 from shoal_common.content_store import safe_extract_tar
 from shoal_common.events import ExecutionFailed, ResultProposed
 from shoal_common.spec import StorageSpec
@@ -43,27 +42,6 @@ def test_the_cid_of_files_in_memory_is_the_cid_of_the_folder_they_make(
     files.write_to(folder)
     assert address_files(files) == cid_and_size_of_path(folder)
     assert RunFiles.decode(files.encode()) == files
-
-
-def test_a_small_result_seen_before_is_not_hashed_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    finished: list[int] = []
-    real_finish = TreeCidBuilder.finish
-
-    def counting_finish(self: TreeCidBuilder) -> str:
-        finished.append(1)
-        return real_finish(self)
-
-    monkeypatch.setattr(TreeCidBuilder, "finish", counting_finish)
-    line = f"{secrets.token_hex(8)}\n".encode()  # no earlier test addressed these bytes
-    first = address_files(RunFiles(line, b"", 0, folders=("outputs",)))
-    # An equal run's files, a new object: its CID is remembered, not computed again.
-    assert address_files(RunFiles(line, b"", 0, folders=("outputs",))) == first
-    assert len(finished) == 1
-    assert address_files(RunFiles(line, b"", 1, folders=("outputs",))) != first
-    assert len(finished) == 2
-    big = RunFiles(line * 500, b"", 0)  # over 4 KiB: addressed each time, never held
-    assert address_files(big) == address_files(big)
-    assert len(finished) == 4
 
 
 def test_writing_files_out_keeps_a_folder_already_there(tmp_path: Path) -> None:

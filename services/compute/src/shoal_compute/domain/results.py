@@ -16,7 +16,6 @@ time something reads it (content, logs), so most noop jobs never touch the disk 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,26 +178,9 @@ def file_size(path: Path) -> int:
         return 0
 
 
-# Small in-memory results repeat: every noop run, canary or health check gives the same few
-# bytes. Their CID (71 us per run on this VM, 4% of a compute node's CPU per noop job) is
-# remembered; 256 entries of at most 4 KiB bound the memory to about 1 MiB.
-_REMEMBERED_BYTES = 4096
-
-
 def address_files(files: RunFiles) -> tuple[str, int]:
     """CID and content size of a results folder held in memory: what
     :func:`shoal_common.cid.cid_and_size_of_path` gives once it is written out."""
-    if files.size <= _REMEMBERED_BYTES:
-        return _address_small_files(files)
-    return _address_files(files)
-
-
-@functools.lru_cache(maxsize=256)
-def _address_small_files(files: RunFiles) -> tuple[str, int]:
-    return _address_files(files)
-
-
-def _address_files(files: RunFiles) -> tuple[str, int]:
     tree = TreeCidBuilder()
     for name, data in (
         ("stdout", files.stdout),
