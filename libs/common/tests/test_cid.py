@@ -29,6 +29,8 @@ from shoal_common.cid import (
     Block,
     FileCidBuilder,
     TreeCidBuilder,
+    _b58decode,
+    _b58encode,
     _FileDag,
     _murmur3_x64_64,
     _read_small_regular,
@@ -858,3 +860,31 @@ def test_a_small_file_swapped_after_its_lstat_is_still_refused(tmp_path: Path) -
         _read_small_regular(str(fifo), 10)
     with pytest.raises(ValueError, match="symlink"):
         _read_small_regular(str(link), 10)
+
+
+_BITCOIN_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _b58_one_digit_at_a_time(raw: bytes) -> str:
+    """The textbook base58btc, a separate reference for the encoder's two-digit steps."""
+    n = int.from_bytes(raw, "big")
+    out = ""
+    while n:
+        n, rem = divmod(n, 58)
+        out = _BITCOIN_ALPHABET[rem] + out
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
+
+
+@given(st.binary(max_size=40), st.integers(min_value=0, max_value=3))
+def test_base58_matches_the_one_digit_at_a_time_encoding(raw: bytes, zeros: int) -> None:
+    raw = b"\0" * zeros + raw  # leading zero bytes are "1"s, not part of the number
+    text = _b58encode(raw)
+    assert text == _b58_one_digit_at_a_time(raw)
+    assert _b58decode(text) == raw
+
+
+@pytest.mark.parametrize("n", [1, 57, 58, 59, 58 * 58 - 1, 58 * 58, 58**3, 58**3 - 1])
+def test_base58_of_numbers_around_digit_boundaries(n: int) -> None:
+    # An odd digit count leaves a top pair that starts with a zero digit.
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    assert _b58encode(raw) == _b58_one_digit_at_a_time(raw)

