@@ -46,6 +46,7 @@ def _proposal() -> Envelope:
 def test_the_bytes_are_the_ones_pydantic_writes(time: datetime) -> None:
     envelope = _proposal().model_copy(update={"time": time})
     assert envelope.to_bytes() == _pydantic_bytes(envelope)
+    assert list(orjson.loads(envelope.to_bytes())) == list(Envelope.model_fields)
     assert Envelope.from_bytes(envelope.to_bytes()) == envelope
 
 

@@ -160,19 +160,11 @@ class Envelope(BaseModel):
 
     def to_bytes(self) -> bytes:
         # Straight to orjson: the bytes model_dump(mode="json") then orjson would give (UTC
-        # written "Z", fields in declaration order), in a quarter of the time. Every event
-        # is written twice (outbox row, then the publish), on every service's event loop.
-        fields = {
-            "id": self.id,
-            "type": self.type,
-            "version": self.version,
-            "time": self.time,
-            "producer": self.producer,
-            "trace": self.trace,
-            "data": self.data,
-        }
+        # written "Z"; the fields, in declaration order, are the model's __dict__), in a
+        # quarter of the time. Every event is written twice (outbox row, then the publish),
+        # on every service's event loop.
         try:
-            return orjson.dumps(fields, option=orjson.OPT_UTC_Z)
+            return orjson.dumps(self.__dict__, option=orjson.OPT_UTC_Z)
         except TypeError:  # a value orjson does not write (a model put in ``data``)
             return orjson.dumps(self.model_dump(mode="json"))
 
