@@ -150,6 +150,37 @@ def check_payload_text(payload: Mapping[str, Any]) -> None:
     """Refuse what the store and the API could not write back: nesting deeper than
     :data:`MAX_PAYLOAD_DEPTH` and strings with lone UTF-16 surrogates (JSON escapes such as
     ``\\ud800`` decode to code points no UTF-8 encoder accepts)."""
+    if not _plain_json(payload, 1):
+        _refuse_payload_text(payload)
+
+
+# The JSON encoder in front of the store and API writes 64-bit integers only.
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _plain_json(value: Any, depth: int) -> bool:
+    """True when nothing in ``value`` can be refused: the check of every submit, without the
+    paths that only an error message needs. False sends the payload to the full walk, which
+    finds the problem (or, for types this does not know, finds none)."""
+    if depth > MAX_PAYLOAD_DEPTH:
+        return False
+    kind = type(value)
+    if kind is str:
+        return _SURROGATE.search(value) is None
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or _SURROGATE.search(key) or not _plain_json(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        return all(_plain_json(item, depth + 1) for item in value)
+    if kind is int:
+        return value in _INT_RANGE
+    return value is None or kind is bool or kind is float
+
+
+def _refuse_payload_text(payload: Mapping[str, Any]) -> None:
+    """The full walk: raises InvalidInput naming where the problem is."""
     stack: list[tuple[Any, str, int]] = [(payload, "", 1)]
     while stack:
         value, where, depth = stack.pop()
@@ -168,8 +199,7 @@ def check_payload_text(payload: Mapping[str, Any]) -> None:
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
         elif isinstance(value, str) and _SURROGATE.search(value):
             raise InvalidInput(f"{MSG_BAD_PAYLOAD}: {_surrogate_message(where)}")
-        elif isinstance(value, int) and not -(2**63) <= value < 2**64:
-            # The JSON encoder in front of the store and API writes 64-bit integers only.
+        elif isinstance(value, int) and value not in _INT_RANGE:
             raise InvalidInput(
                 f"{MSG_BAD_PAYLOAD}: {where or 'the payload'} holds an integer beyond 64 bits"
             )
